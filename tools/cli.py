@@ -1,0 +1,267 @@
+"""Command line of the tools package (Google ``fire``): ``python -m tools <command> [--help]``.
+
+Groups: ``data`` (phantom, DICOM, preparation, splits, tumor statistics, realism), ``check-bundle`` and ``demo``.
+Imports are inside the commands so that ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import fire
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _tuple(value, n: int | None = None, cast=float):
+    """Fire gives ``1,2,3`` as a tuple and ``"1,2,3"`` as text; accept both (and None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value in ("fit", "scanner"):
+            return value
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    out = tuple(cast(v) for v in value)
+    if n is not None and len(out) != n:
+        raise ValueError(f"expected {n} values, got {out}")
+    return out
+
+
+class Data:
+    """Data sets: make the phantom, convert DICOM, prepare crops and sub-volumes, split, tumor sizes, realism."""
+
+    def phantom(
+        self,
+        out: str = "data/phantom",
+        n_cases: int = 20,
+        seed: int = 0,
+        shape=(160, 160, 80),
+        spacing=None,
+        phase: str = "portal_venous",
+        tumor_fraction: float = 0.5,
+        test_fraction: float = 0.2,
+        orientation: str = "RAS",
+        tumor_radius_mm=None,
+    ):
+        """Make an MSD-layout phantom data set of synthetic abdominal CT (HU) with pancreas/tumor labels.
+
+        Args:
+            out: output folder (dataset.json, imagesTr/, labelsTr/, organsTr/, imagesTs/, labelsTs/, organsTs/).
+            n_cases: number of patients (phase=both gives two scans each).
+            seed: data set seed; same seed and options give byte-identical volumes.
+            shape: voxels per case, e.g. 160,160,80 (with spacing=scanner: None derives it from the field of view).
+            spacing: mm as sx,sy,sz; "fit" (default: the field of view covers the body) or "scanner" (0.6-0.9 mm
+                in-plane, 1-5 mm slices).
+            phase: non_contrast, portal_venous, both (each patient twice) or mixed.
+            tumor_fraction: fraction of patients with a pancreatic tumor (the others are healthy).
+            test_fraction: fraction of patients put in imagesTs/ (with labelsTs/).
+            orientation: RAS, LPS or mixed.
+            tumor_radius_mm: tumor equivalent radius in mm, a lo,hi range, or None (log-normal around 11 mm).
+        """
+        from tools.phantom import make_dataset
+
+        shape = None if shape in (None, "None") else _tuple(shape, 3, int)
+        spacing = None if spacing in (None, "fit") else _tuple(spacing, 3)
+        radius = (
+            tumor_radius_mm
+            if tumor_radius_mm is None or isinstance(tumor_radius_mm, (int, float))
+            else _tuple(tumor_radius_mm, 2)
+        )
+        path = make_dataset(
+            out,
+            n_cases=n_cases,
+            seed=seed,
+            shape=shape,
+            spacing=spacing,
+            phase=phase,
+            tumor_fraction=tumor_fraction,
+            test_fraction=test_fraction,
+            orientation=orientation,
+            tumor_radius_mm=radius,
+        )
+        print(path)
+
+    def realism(self, real_dir: str | None = None, out: str = "runs/realism", n_cases: int = 5, seed: int = 0):
+        """Measure the phantom against the real CT of ../shared: organ median HU, HU histogram distance, PNG.
+
+        Args:
+            real_dir: folder with example_ct_sm.nii.gz, example_seg.nii.gz and the tissue masks
+                (default ../shared/data/real_ct).
+            out: folder for realism.json and realism.png.
+            n_cases: phantom cases to measure (non-contrast, 3 mm, like the real scan).
+            seed: phantom seed.
+        """
+        from tools.demo import DEFAULT_SHARED
+        from tools.realism import run_realism
+
+        real = Path(real_dir) if real_dir else DEFAULT_SHARED / "data" / "real_ct"
+        if not real.is_dir():
+            raise SystemExit(f"{real}: not found; give --real_dir (the real CT samples of ../shared/data/real_ct)")
+        result = run_realism(real, out, n_cases=n_cases, seed=seed)
+        if not result["all_within_tolerance"]:
+            sys.exit(1)
+
+    def convert_dicom(self, series_dir: str, out: str, series_uid: str | None = None):
+        """Convert one DICOM CT series to NIfTI (HU, real geometry); refuses a series with a missing slice.
+
+        Args:
+            series_dir: folder holding the series' files.
+            out: output .nii.gz path (written atomically).
+            series_uid: which series when the folder holds several.
+        """
+        from tools.dicom import convert_dicom_series
+
+        print(convert_dicom_series(series_dir, out, series_uid))
+
+    def list(self, source: str, validate: bool = False):
+        """Read a data source into a datalist and print a summary (MSD folder, datalist JSON, NIfTI or DICOM folder).
+
+        Args:
+            source: MSD task folder, MONAI datalist JSON, folder of NIfTI pairs or folder tree of DICOM series.
+            validate: also open every volume and check it (truncated files, grids, CT intensities).
+        """
+        from tools.datasets import read_datalist, summarize, validate_records
+
+        records = read_datalist(source)
+        if validate:
+            validate_records(records)
+        _print_json(summarize(records))
+
+    def prepare(
+        self,
+        src: str,
+        out: str,
+        mode: str = "pancreas",
+        spacing=None,
+        out_shape=None,
+        margin_mm: float = 10.0,
+        hu_window=(-175, 250),
+        n_slices: int = 4,
+        size=(256, 256),
+        sections=None,
+    ):
+        """Crop a data set (modes full, semi, pancreas, none) or cut it into seed 000 sub-volumes (subvolumes).
+
+        Every output keeps correct geometry (affine updated) and a datalist is written; reruns reuse outputs.
+
+        Args:
+            src: MSD folder or datalist JSON.
+            out: output folder (never the source folder).
+            mode: full (body box), semi (largest cube inside the body), pancreas (box around the label),
+                subvolumes (n_slices-slice stacks resized to size, stacks without pancreas dropped), none.
+            spacing: resample to this spacing (mm) first, e.g. 1,1,1.
+            out_shape: resize crops to this shape, e.g. 240,240,155.
+            margin_mm: margin around the pancreas box.
+            hu_window: lo,hi HU clipped and scaled to [0, 1]; None keeps HU.
+            n_slices: slices per sub-volume (seed 000: 4).
+            size: in-plane size of sub-volumes (seed 000: 256,256).
+            sections: datalist sections to process, e.g. training,test (default: all).
+        """
+        from tools.prep import prepare_dataset
+
+        result = prepare_dataset(
+            src,
+            out,
+            mode=mode,
+            spacing=_tuple(spacing, 3),
+            out_shape=_tuple(out_shape, 3, int),
+            margin_mm=margin_mm,
+            hu_window=None if hu_window in (None, "None") else _tuple(hu_window, 2),
+            n_slices=n_slices,
+            size=_tuple(size, 2, int),
+            sections=None if sections is None else _tuple(sections, cast=str),
+        )
+        _print_json({k: (v if k == "datalist" else len(v)) for k, v in result.items()})
+
+    def split(
+        self,
+        src: str,
+        out: str,
+        fractions=(0.7, 0.1, 0.2),
+        n_folds: int | None = None,
+        seed: int = 0,
+        test_fraction: float = 0.0,
+        stratify_key: str | None = None,
+        patient_key: str = "patient",
+    ):
+        """Patient-level split of a data set into a datalist JSON (no patient in two sets).
+
+        Args:
+            src: MSD folder or datalist JSON.
+            out: output datalist JSON.
+            fractions: training,validation,test fractions of patients (ignored with n_folds).
+            n_folds: k-fold split instead (records get a "fold" key).
+            seed: split seed.
+            test_fraction: with n_folds, patients held out as a test set first.
+            stratify_key: keep this record field (e.g. has_tumor) in proportion in every set.
+            patient_key: the record field naming the patient.
+        """
+        from tools.splits import make_splits
+
+        split = make_splits(
+            src,
+            out,
+            fractions=None if n_folds else _tuple(fractions),
+            n_folds=n_folds,
+            seed=seed,
+            test_fraction=test_fraction,
+            stratify_key=stratify_key,
+            patient_key=patient_key,
+        )
+        _print_json({k: len(v) for k, v in split.items() if isinstance(v, list)})
+
+    def quartiles(self, src: str, out: str | None = None, section: str | None = "training"):
+        """Tumor-size statistics of a data set: equivalent radius (mm) per tumor, quartiles, size classes.
+
+        Args:
+            src: MSD folder or datalist JSON with labels (tumor = 2).
+            out: optional JSON output path.
+            section: datalist section (None: all).
+        """
+        from tools.tumor_stats import dataset_tumor_stats, write_tumor_stats
+
+        stats = write_tumor_stats(src, out, section=section) if out else dataset_tumor_stats(src, section=section)
+        _print_json({k: v for k, v in stats.items() if k != "tumors"})
+
+
+class Cli:
+    """Tools for the pancreas CT synthesis bundles. Run `python -m tools <command> --help` for each command."""
+
+    def __init__(self):
+        self.data = Data()
+
+    def check_bundle(self, bundle_dir: str, schema: str | None = None, **overrides):
+        """Run the bundle check harness on a bundle folder (layout, metadata, properties, net in/out, TorchScript).
+
+        Args:
+            bundle_dir: e.g. bundles/seg_unet3d.
+            schema: metadata schema JSON (default ../shared/reference/meta_schema_20240725.json).
+            overrides: config overrides as --key value, e.g. --dataset_dir data/phantom.
+        """
+        from tools.bundle_check import check_bundle_cli
+
+        check_bundle_cli(bundle_dir, schema=schema, **overrides)
+
+    def demo(self, out: str = "runs/demo", n_cases: int = 12, seed: int = 0):
+        """The main job at demo scale (what `make demo` runs): phantom data set, montage and realism figures.
+
+        Args:
+            out: output folder (reused by a second run).
+            n_cases: phantom patients.
+            seed: seed of everything.
+        """
+        from tools.demo import run_demo
+
+        run_demo(out, n_cases=n_cases, seed=seed)
+
+
+def main() -> None:
+    fire.Fire(Cli(), name="python -m tools")
+
+
+if __name__ == "__main__":
+    main()
