@@ -246,6 +246,18 @@ class Cli:
 
         check_bundle_cli(bundle_dir, schema=schema, **overrides)
 
+    def sync_bundle_scripts(self, bundles_root: str | None = None):
+        """Copy the vendored modules of tools/bundle_scripts (checkpointing, provenance) into the bundles' scripts/.
+
+        Args:
+            bundles_root: folder holding the bundles (default: bundles/ of this repository).
+        """
+        from tools.bundle_scripts import sync
+
+        root = Path(bundles_root) if bundles_root else Path(__file__).resolve().parents[1] / "bundles"
+        for path in sync(root):
+            print(f"updated {path}")
+
     def demo(self, out: str = "runs/demo", n_cases: int = 12, seed: int = 0):
         """The main job at demo scale (what `make demo` runs): phantom data set, montage and realism figures.
 
