@@ -471,14 +471,14 @@ def test_check_bundle_without_a_schema_checks_the_fields_and_says_the_schema_was
 
 def test_check_bundle_reports_every_failure(bundle):
     (bundle / "docs" / "README.md").unlink()
-    as_expression = "$[{'image': @dataset_dir + '/a.nii.gz', 'label': @dataset_dir + '/b.nii.gz'}]"
-    edit_json(bundle / "configs" / "train.json", lambda config: config["train"]["dataset"].update(data=as_expression))
+    not_a_list = {"image": "a.nii.gz", "label": "b.nii.gz"}  # neither a list nor an expression giving one
+    edit_json(bundle / "configs" / "train.json", lambda config: config["train"]["dataset"].update(data=not_a_list))
     edit_json(bundle / "configs" / "inference.json", lambda config: config["network_def"].update(out_channels=3))
     with pytest.raises(BundleCheckError) as failure:
         check_bundle(bundle, export=False)
     report = str(failure.value)
     assert "FAIL  layout" in report and "docs/README.md" in report
-    assert "FAIL  config keys" in report and "`train#dataset#data` must be a plain list" in report
+    assert "FAIL  config keys" in report and "`train#dataset#data` must be a list" in report
     assert "FAIL  net in/out: network_def" in report and "doesn't match" in report
     assert "PASS  properties: train" in report
 
