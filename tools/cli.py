@@ -228,11 +228,119 @@ class Data:
         _print_json({k: v for k, v in stats.items() if k != "tumors"})
 
 
+def _parse_generators(synthetic) -> dict:
+    """``vae=a.json,dm=b.json`` (or a dict from fire) -> {"vae": "a.json", "dm": "b.json"}."""
+    if synthetic in (None, "", "None"):
+        return {}
+    if isinstance(synthetic, dict):
+        return {str(k): str(v) for k, v in synthetic.items()}
+    items = synthetic if isinstance(synthetic, (list, tuple)) else str(synthetic).split(",")
+    out = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep:
+            raise ValueError(f"--synthetic entries look like name=path, got {item!r}")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def _records_of(source, section, n, seed):
+    from tools.splits import load_records
+
+    records = load_records(source).records(section)
+    if n is not None and n < len(records):
+        import numpy as np
+
+        pick = np.random.default_rng(seed).choice(len(records), size=n, replace=False)
+        records = [records[int(i)] for i in sorted(pick)]
+    return records
+
+
+class ReaderStudy:
+    """Blinded reader study: build the set of rendered real and synthetic cases, then score the readers' ratings."""
+
+    def build(
+        self,
+        real: str,
+        synthetic: str,
+        out: str,
+        n: int | None = None,
+        seed: int = 0,
+        readers="reader1,reader2",
+        section: str | None = None,
+    ):
+        """Shuffle real and synthetic cases into anonymous, rendered views with a hidden key and a ratings sheet.
+
+        Args:
+            real: real cases (MSD folder or datalist JSON).
+            synthetic: synthetic cases (folder or datalist JSON written by `synthesize`).
+            out: study folder (views/, ratings_template.csv, key.json, INSTRUCTIONS.txt).
+            n: cases per group (default all).
+            seed: shuffling and sampling seed.
+            readers: comma-separated reader names for the template.
+            section: datalist section to draw from (default all sections).
+        """
+        from tools.reader_study import build_reader_study
+
+        names = readers.split(",") if isinstance(readers, str) else list(readers)
+        _print_json(
+            build_reader_study(
+                _records_of(real, section, n, seed),
+                _records_of(synthetic, section, n, seed),
+                out,
+                seed=seed,
+                readers=names,
+            )
+        )
+
+    def score(self, study: str, ratings):
+        """Per-reader sensitivity, specificity, accuracy, mean realism, and Cohen's kappa between readers.
+
+        Args:
+            study: the study folder made by `reader_study build` (reads its key.json).
+            ratings: filled ratings CSV file(s), comma-separated.
+        """
+        from tools.reader_study import score_reader_study
+
+        files = ratings.split(",") if isinstance(ratings, str) else list(ratings)
+        _print_json(score_reader_study(study, files))
+
+
 class Cli:
     """Tools for the pancreas CT synthesis bundles. Run `python -m tools <command> --help` for each command."""
 
     def __init__(self):
         self.data = Data()
+        self.reader_study = ReaderStudy()
+
+    def mix(
+        self,
+        real: str,
+        out: str,
+        ratio: str = "25:75",
+        synthetic=None,
+        total: int | None = None,
+        seed: int = 0,
+        replace: bool = False,
+    ):
+        """Write a training datalist mixing real and synthetic cases at a synthetic:real ratio (seed 000 Table 1).
+
+        The training size stays the real training set's size (or --total); several generators share the synthetic
+        part equally; validation and test lists are copied unchanged (real only).
+
+        Args:
+            real: real data set (MSD folder or datalist JSON with a training list).
+            out: output datalist JSON.
+            ratio: synthetic:real, e.g. 100:0, 50:50, 25:75.
+            synthetic: generator=datalist pairs, comma-separated, e.g. vae=runs/syn/vae/datalist.json,dm=...
+            total: training cases in the mix (default: number of real training cases).
+            seed: sampling seed.
+            replace: allow drawing synthetic cases more than once when too few exist.
+        """
+        from tools.mix import write_mix
+
+        mixed = write_mix(real, _parse_generators(synthetic), str(ratio), out, total=total, seed=seed, replace=replace)
+        _print_json(mixed["mix"])
 
     def check_bundle(self, bundle_dir: str, schema: str | None = None, **overrides):
         """Run the bundle check harness on a bundle folder (layout, metadata, properties, net in/out, TorchScript).
