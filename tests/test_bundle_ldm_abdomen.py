@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from tools.bundle_check import check_bundle, check_workflow_properties, run_workflow
+from tools.cli import Cli
 from tools.prep import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -558,12 +559,9 @@ def test_adaptation_loads_old_keys_and_trains_the_diffusion_model_on_a_frozen_au
     brats, source_hash = write_brats_bundle(tmp_path / "brats_old", old_keys=True)
     ckpt = tmp_path / "ckpt"
     overrides = {**TRAIN, "crop_mode": "full", "output_dir": str(tmp_path / "out"), "train#trainer#max_epochs": 1}
-    workflow = run_workflow(
-        bundle, "configs/adapt_brats.json", "train",
-        overrides={"brats_dir": str(brats), "dataset_dir": str(prepared["full"]), "ckpt_dir": str(ckpt),
-                   "train_overrides": json.dumps(overrides)},
-    )  # fmt: skip
-    record = workflow.parser.get_parsed_content("adaptation")
+    # the tools command, which runs configs/adapt_brats.json through monai.bundle
+    Cli().adapt_brats(str(brats), str(prepared["full"]), str(ckpt), overrides=json.dumps(overrides))
+    record = json.loads((ckpt / "adaptation.json").read_text())
     assert record["key_style"] == "generative" and record["renamed_keys"] > 0
     assert record["mri_normalisation_replaced"]["_target_"] == "ScaleIntensityRangePercentilesd"
     assert record["ct_normalisation"]["_target_"] == "ScaleIntensityRanged"

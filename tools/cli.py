@@ -256,6 +256,18 @@ def _records_of(source, section, n, seed):
     return records
 
 
+def _json_arg(value) -> dict:
+    """A JSON object given on the command line (fire may already have parsed it into a dict)."""
+    if value in (None, "", "None"):
+        return {}
+    if isinstance(value, dict):
+        return value
+    parsed = json.loads(value)
+    if not isinstance(parsed, dict):
+        raise ValueError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
 class ReaderStudy:
     """Blinded reader study: build the set of rendered real and synthetic cases, then score the readers' ratings."""
 
@@ -341,6 +353,47 @@ class Cli:
 
         mixed = write_mix(real, _parse_generators(synthetic), str(ratio), out, total=total, seed=seed, replace=replace)
         _print_json(mixed["mix"])
+
+    def adapt_brats(
+        self,
+        brats_dir: str,
+        dataset_dir: str,
+        ckpt_dir: str,
+        mode: str = "freeze",
+        overrides: str | None = None,
+        autoencoder_overrides: str | None = None,
+    ):
+        """Adapt the BraTS latent diffusion bundle to abdominal CT (seed 002), through ldm_abdomen's adapt_brats.json.
+
+        Loads the autoencoder weights of a local brats_mri_generative_diffusion bundle (current MONAI key names or
+        the old generative-repo ones), swaps the MRI intensity normalisation for ldm_abdomen's CT HU window, then
+        trains on CT: `freeze` keeps the autoencoder and trains the diffusion model (the seed's method; the
+        autoencoder's hash before and after is recorded and must match), `finetune` trains the autoencoder first.
+
+        Args:
+            brats_dir: local BraTS bundle folder (configs/ + models/; nothing is downloaded).
+            dataset_dir: CT prepared for one crop mode (a folder with dataset.json, e.g. `data prepare --mode full`).
+            ckpt_dir: where the converted and trained weights and adaptation.json go.
+            mode: freeze or finetune.
+            overrides: JSON dict of ldm_abdomen train.json overrides for every run (sizes, epochs, crop_mode...).
+            autoencoder_overrides: JSON dict of train_autoencoder.json overrides (finetune only).
+        """
+        from tools.bundles import run_config
+
+        workflow = run_config(
+            "ldm_abdomen",
+            ["adapt_brats.json"],
+            {
+                "brats_dir": str(Path(brats_dir).resolve()),
+                "dataset_dir": str(Path(dataset_dir).resolve()),
+                "ckpt_dir": str(Path(ckpt_dir).resolve()),
+                "adapt_mode": mode,
+                "train_overrides": json.dumps(_json_arg(overrides)),
+                "autoencoder_overrides": json.dumps(_json_arg(autoencoder_overrides)),
+            },
+            workflow_type="train",
+        )
+        _print_json(workflow.parser.get_parsed_content("adaptation"))
 
     def check_bundle(self, bundle_dir: str, schema: str | None = None, **overrides):
         """Run the bundle check harness on a bundle folder (layout, metadata, properties, net in/out, TorchScript).
