@@ -660,12 +660,15 @@ def test_identity_augmentation_is_cached_without_copies():
 def test_cached_sampling_indices_can_be_switched_off_to_save_memory():
     from monai.bundle import ConfigParser
 
+    from tools.bundles import bundle_on_path
+
     names = {}
     for flag in (True, False):
         parser = ConfigParser()
         parser.read_config(str(BUNDLE / "configs" / "train.json"))
         parser["cache_indices"] = flag
-        names[flag] = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
+        with bundle_on_path(BUNDLE):  # the pipeline starts with the bundle's scripts.validation.ValidateCTd
+            names[flag] = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
     assert "FgBgToIndicesd" in names[True] and "FgBgToIndicesd" not in names[False]
     assert names[False].index("RandCropByPosNegLabeld") == names[True].index("RandCropByPosNegLabeld") - 1
 

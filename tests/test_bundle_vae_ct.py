@@ -30,6 +30,7 @@ PYTHON = sys.executable
 
 SIZE = [16, 16, 4]
 TINY_NET = {
+    "max_spacing_mm": 40.0,  # 16x16 sub-volumes of a whole slice have 26 mm voxels (the real 256x256 ones ~1.6 mm)
     "roi_size": SIZE,
     "strides": [[2, 2, 1], [2, 2, 1]],
     "channels": [4, 8],

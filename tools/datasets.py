@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import nibabel as nib
 import numpy as np
 
+from tools.bundle_scripts.validation import check_label
 from tools.dicom import convert_dicom_series, list_series, looks_like_dicom, read_dicom_series
 from tools.errors import InputError
 from tools.io import check_ct_intensity, check_pair, load_ct, load_label, load_nifti, write_json
@@ -68,9 +69,14 @@ def _is_path_field(key: str, value: Any) -> bool:
 
 def _resolve(value: str, base_dir: Path, source: Path, confine: bool) -> str:
     """Absolute path of ``value`` (relative to ``base_dir``); with ``confine``, refuse one outside ``base_dir``."""
-    path = Path(os.path.normpath(base_dir / value))  # lexical: a symlinked imagesTr inside the folder stays valid
+    path = Path(os.path.normpath(base_dir / value))
     if confine and not (path == base_dir or base_dir in path.parents):
         raise InputError(source, f"entry {value!r} points outside the data folder {base_dir} (resolves to {path})")
+    if confine:  # a symlink inside the folder that leads out of it (the bundles refuse the same, scripts/validation)
+        real = Path(os.path.realpath(path))
+        real_base = Path(os.path.realpath(base_dir))
+        if not (real == real_base or real_base in real.parents):
+            raise InputError(source, f"entry {value!r} points outside the data folder {base_dir} (a symlink to {real})")
     if not path.exists():
         raise InputError(source, f"names {value!r}, which does not exist ({path})")
     return str(path)
@@ -418,9 +424,10 @@ def validate_records(
     """Open every image (and label map) and raise :class:`InputError` for the first one that cannot be used.
 
     Each image must read cleanly (not truncated, finite, 3D, sane spacing) and, with ``check_ct``, look like CT in
-    Hounsfield units; each field of ``label_keys`` present must be an integer label map on the image's grid, and
-    ``label`` only use ``allowed_labels`` when given. A DICOM series folder is read with its geometry checks.
-    Volumes are opened one at a time, so memory stays at one case. Returns ``records`` unchanged.
+    Hounsfield units; each field of ``label_keys`` present must be an integer label map on the image's grid with
+    some background, ``label`` must have some foreground and only use ``allowed_labels`` when given. A DICOM
+    series folder is read with its geometry checks. Volumes are opened one at a time, so memory stays at one case.
+    Returns ``records`` unchanged.
     """
     allowed = tuple(allowed_labels) if allowed_labels is not None else None
     for index, record in enumerate(records):
@@ -443,6 +450,8 @@ def validate_records(
             if record.get(key) is None:
                 continue
             label, label_affine = load_label(record[key], allowed if key == "label" else None)
+            # an empty segmentation (no pancreas) or one without background is a broken label
+            check_label(record[key], label, require_foreground=key == "label", forbid_all_foreground=True)
             try:
                 check_pair(image_path, record[key], shape, affine, label.shape, label_affine)
             except InputError as err:

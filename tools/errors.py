@@ -1,17 +1,12 @@
-"""The one exception type for bad input: it always names the file and the problem."""
+"""The one exception type for bad input: it always names the file and the problem.
+
+It is the class of the vendored :mod:`tools.bundle_scripts.validation` (which every bundle carries as
+``scripts/validation.py``), so an error raised by a ``tools`` reader and one raised by the same check inside a
+bundle look alike: a ``ValueError`` whose message starts with the offending path, with ``.path`` and ``.problem``.
+"""
 
 from __future__ import annotations
 
-import os
+from tools.bundle_scripts.validation import InputError
 
-
-class InputError(ValueError):
-    """Raised when an input file (image, label, series, datalist) cannot be used.
-
-    The message starts with the offending path so that a user with hundreds of cases sees at once which one is bad.
-    """
-
-    def __init__(self, path: str | os.PathLike | None, problem: str):
-        self.path = None if path is None else os.fspath(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+__all__ = ["InputError"]

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import nibabel as nib
 import numpy as np
 
+from tools.bundle_scripts.validation import check_header
 from tools.errors import InputError
 
 #: Text put in the NIfTI ``descrip`` field of every synthetic volume (80 bytes at most).
@@ -121,11 +122,14 @@ def load_nifti(path: str | os.PathLike, *, dtype: Any = None, ndim: int = 3) -> 
     """Read a NIfTI volume fully and validate it; return ``(array, affine)``.
 
     Raises :class:`InputError` for a missing, truncated or corrupt file, a volume that is not ``ndim``-D, a
-    non-invertible affine, absurd voxel sizes, or NaN / inf voxels.
+    non-invertible affine, absurd voxel sizes, a volume beyond the memory guard, or NaN / inf voxels. For 3D volumes
+    the header is checked (:func:`tools.bundle_scripts.validation.check_header`) before any voxel is read.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
+    if ndim == 3:  # header first (shared with the bundles): truncation, 2D / 4D, spacing, memory guard, unread data
+        check_header(path)
     try:
         img = nib.load(str(path))
         array = np.asanyarray(img.dataobj)

@@ -41,6 +41,7 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
+from tools.bundle_scripts.validation import check_label
 from tools.errors import InputError
 from tools.io import check_pair, file_sha256, load_ct, load_label, save_nifti, voxel_spacing, write_json
 from tools.splits import load_records
@@ -851,13 +852,26 @@ def _label_dtype(label: np.ndarray) -> np.ndarray:
     return label.astype(np.int16)
 
 
-def _read_case(image_path, label_path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def _read_case(image_path, label_path, allowed=None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     ct, affine = load_ct(image_path)
     if label_path is None:
         return ct, None, affine
-    label, label_affine = load_label(label_path)
+    label, label_affine = load_label(label_path, allowed)
     check_pair(image_path, label_path, ct.shape, affine, label.shape, label_affine)
+    check_label(label_path, label, require_foreground=False)  # a label map without background is broken
     return ct, label, affine
+
+
+def _label_set(extras: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The label values a datalist declares (MSD ``labels``: {"0": "background", "1": ...}), or None when it
+    declares no foreground class (a placeholder such as ``{"0": "background"}`` says nothing about the labels)."""
+    labels = extras.get("labels")
+    if not isinstance(labels, Mapping) or len(labels) < 2:
+        return None
+    try:
+        return tuple(int(key) for key in labels)
+    except (TypeError, ValueError):
+        return None
 
 
 def _read_organs(organs_path, image_path, shape, affine) -> np.ndarray | None:
@@ -909,12 +923,17 @@ def _folder_suffix(section: str) -> str:
 
 
 def _process_record(
-    record: Mapping[str, Any], mode: str, params: Mapping[str, Any], out_dir: Path, suffix: str
+    record: Mapping[str, Any],
+    mode: str,
+    params: Mapping[str, Any],
+    out_dir: Path,
+    suffix: str,
+    allowed: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Make and write the outputs of one source record; return their datalist entries (paths relative)."""
     image_path, label_path, organs_path = record["image"], record.get("label"), record.get("organs")
     inputs = tuple(p for p in (image_path, label_path, organs_path) if p)
-    ct, label, affine = _read_case(image_path, label_path)
+    ct, label, affine = _read_case(image_path, label_path, allowed)
     organs = _read_organs(organs_path, image_path, ct.shape, affine)
     if label is None and mode in ("pancreas", "subvolumes"):
         raise InputError(image_path, f"mode {mode!r} needs a label map, and this entry has none")
@@ -1084,7 +1103,7 @@ def prepare_dataset(
                 entries = previous["outputs"]
                 report["reused"].append(case)
             else:
-                entries = _process_record(record, mode, params, out_dir, suffix)
+                entries = _process_record(record, mode, params, out_dir, suffix, _label_set(loaded.extras))
                 if previous is not None:
                     _remove_stale(out_dir, previous.get("outputs", []), entries)
                 sidecar = {"tool": "tools.prep", "section": section, "params": params, "sources": sources}
