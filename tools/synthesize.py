@@ -1,0 +1,376 @@
+"""Write a synthetic data set with a generative bundle: resumable, shardable across processes, seeded per item.
+
+:func:`synthesize` runs a generative bundle's own inference workflow through ``monai.bundle``
+(:func:`tools.bundles.run_config`) over a list of source records and writes every case into one folder with the
+bundle's provenance marks (NIfTI description ``SYNTHETIC <bundle> <version> seed=...`` + a sidecar JSON per file),
+then ``datalist.json`` listing the cases. What this module adds to the bundles' inference configs:
+
+* **Per-item seeds.** Sample ``k`` of the source record at position ``m`` gets the seed
+  :func:`item_seed` ``(seed, m, k) = seed + 100000 * m + k`` (the vae_ct bundle's ``sample_seed`` rule), whatever
+  else a run processes, so a rerun that makes only the missing cases writes the same bytes as a run that made all.
+  vae_ct and ldm_abdomen read an item's seed from the item (one workflow for all missing items); difftumor draws its
+  tumor from the workflow's random state, so it runs one workflow per item with that item's seed.
+* **Resumable.** A case is finished when its image, its label and both sidecars exist (the bundles write the label's
+  sidecar last, each file atomically). Finished cases are never rewritten; a rerun makes only what is missing. A
+  ``synthesize.json`` manifest refuses a rerun into the same folder with another bundle, seed or source.
+* **Shardable.** Under ``torchrun --nproc_per_node=N`` process ``r`` makes the items ``m`` with ``m % N == r``
+  (:func:`tools.study_runner.distributed_context`); no process group is needed. Each process rebuilds
+  ``datalist.json`` from the finished cases when it ends; with several processes each then waits for the others
+  and rewrites it, so the list is complete once all are done.
+
+Output names are ``<case>_s<kkk>_image.nii.gz`` / ``..._label.nii.gz`` (+ ``.json`` sidecars). difftumor writes
+nothing for a source scan it cannot use (a tumor already labelled, no organ voxel): ``<name>.skipped.json`` records
+that, so a rerun does not try again, and the case is left out of the datalist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from tools.errors import InputError
+from tools.io import write_json
+
+#: Seeds of different source records never collide while fewer samples than this are drawn per record.
+SEED_STRIDE = 100_000
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """How :func:`synthesize` drives one generative bundle."""
+
+    configs: tuple[str, ...]
+    family_key: str | None  # config key naming the generator family (vae / vae_gan / gan; difftumor families)
+    per_item_workflow: bool  # True: one workflow per item (the bundle has no per-item seed)
+    source_kind: str  # "mask": records need a label; "healthy": image + organ mask, tumor cases skipped
+
+
+GENERATORS: dict[str, GeneratorSpec] = {
+    "vae_ct": GeneratorSpec(("inference.json", "inference_3d.json"), "generator_family", False, "mask"),
+    "ldm_abdomen": GeneratorSpec(("inference.json", "inference_controlnet.json"), None, False, "mask"),
+    "difftumor": GeneratorSpec(("inference.json",), "family_name", True, "healthy"),
+}
+
+
+def item_seed(seed: int, index: int, sample: int) -> int:
+    """The seed of sample ``sample`` of the source record at position ``index``: ``seed + 100000 * index + sample``."""
+    if not 0 <= int(sample) < SEED_STRIDE:
+        raise ValueError(f"sample index {sample} must be in [0, {SEED_STRIDE})")
+    return int(seed) + SEED_STRIDE * int(index) + int(sample)
+
+
+def _stem(path: str | os.PathLike) -> str:
+    name = Path(str(path)).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def _source_records(spec: GeneratorSpec, source, section: str, max_items: int | None) -> list[dict]:
+    from tools.splits import load_records
+
+    records = [dict(r) for r in load_records(source).records(section)]
+    if spec.source_kind == "healthy":
+        records = [r for r in records if not r.get("has_tumor", False)]
+        for r in records:
+            if not r.get("image") or not (r.get("organ") or r.get("label")):
+                raise InputError(r.get("image"), "difftumor needs healthy scans with an organ mask (image + label)")
+    else:
+        for r in records:
+            if not r.get("label"):
+                raise InputError(r.get("image"), f"record has no 'label' (the mask to generate from): {r}")
+    if max_items is not None:
+        records = records[: int(max_items)]
+    if not records:
+        raise InputError(source, f"no usable records in section {section!r}")
+    return records
+
+
+def plan_items(records: Sequence[Mapping[str, Any]], samples_per_item: int, seed: int) -> list[dict[str, Any]]:
+    """Every (record, sample) to make, in a fixed order: ``{"index", "sample", "seed", "name", "record"}``."""
+    if samples_per_item < 1:
+        raise ValueError(f"samples_per_item must be at least 1, got {samples_per_item}")
+    cases = [str(r.get("case") or _stem(r.get("label") or r["image"])) for r in records]
+    unique = len(set(cases)) == len(cases)
+    items = []
+    for m, (record, case) in enumerate(zip(records, cases)):
+        base = case if unique else f"m{m:05d}_{case}"
+        for k in range(int(samples_per_item)):
+            items.append({"index": m, "sample": k, "seed": item_seed(seed, m, k), "name": f"{base}_s{k:03d}",
+                          "record": dict(record)})  # fmt: skip
+    return items
+
+
+def case_files(out: Path, name: str) -> dict[str, Path]:
+    """The four files of a finished case (the label's sidecar is written last)."""
+    return {
+        "image": out / f"{name}_image.nii.gz",
+        "label": out / f"{name}_label.nii.gz",
+        "image_sidecar": out / f"{name}_image.json",
+        "label_sidecar": out / f"{name}_label.json",
+    }
+
+
+def is_finished(out: Path, name: str) -> bool:
+    return all(p.is_file() for p in case_files(out, name).values())
+
+
+def _skipped(out: Path, name: str) -> Path:
+    return out / f"{name}.skipped.json"
+
+
+def _provenance(item: Mapping[str, Any], generator: str, seed: int) -> dict[str, Any]:
+    record = item["record"]
+    return {
+        "seed": item["seed"],
+        "item_seed": item["seed"],
+        "sample": item["sample"],
+        "source_index": item["index"],
+        "source_patient": str(record.get("patient") or record.get("case") or _stem(record.get("label") or "")),
+        "source_image": record.get("image"),
+        "source_label": record.get("organ") or record.get("label"),
+        "generator": generator,
+        "synthesize_seed": int(seed),
+    }
+
+
+def _generator_name(root: Path, spec: GeneratorSpec, configs: Sequence[str], overrides: Mapping[str, Any]) -> str:
+    if spec.family_key is None:
+        return root.name
+    family = overrides.get(spec.family_key)
+    if family is None:
+        from monai.bundle import ConfigParser
+
+        from tools.bundles import config_files
+
+        parser = ConfigParser()
+        parser.read_config(config_files(root, configs))
+        family = parser.get(spec.family_key)
+    return f"{root.name}/{family}"
+
+
+def _data_root(source, items: Sequence[Mapping[str, Any]]) -> str:
+    """The bundle's ``dataset_dir``: the source folder (or the datalist's), widened to the folder holding every
+    input file when a datalist points elsewhere (the bundles refuse inputs outside ``dataset_dir``)."""
+    paths = [os.path.abspath(str(v)) for it in items for k, v in it["record"].items()
+             if k in ("image", "label", "organ") and isinstance(v, str)]  # fmt: skip
+    if isinstance(source, (str, os.PathLike)):
+        src = Path(source).resolve()
+        paths.append(str(src.parent if src.is_file() else src))
+    root = os.path.commonpath(paths) if paths else os.getcwd()
+    return root if os.path.isdir(root) else os.path.dirname(root)
+
+
+def _bundle_overrides(
+    name: str, items: list[dict], out: Path, ckpt_dir, source, seed: int, generator: str
+) -> dict[str, Any]:
+    """The config overrides that make the bundle write ``items`` into ``out`` with their seeds and names."""
+    if name == "vae_ct":
+        data = [{"label": it["record"]["label"], "sample": it["sample"], "seed": it["seed"], "name": it["name"],
+                 "provenance": _provenance(it, generator, seed)} for it in items]  # fmt: skip
+        extra: dict[str, Any] = {"dataset#data": data, "seed": int(seed), "run": ["$@evaluator.run()"]}
+        if ckpt_dir is not None:
+            extra["ckpt_path"] = str(Path(ckpt_dir) / "model.pt")
+    elif name == "ldm_abdomen":
+        data = [{"label": it["record"]["label"], "seed": it["seed"], "name": it["name"],
+                 "provenance": _provenance(it, generator, seed)} for it in items]  # fmt: skip
+        extra = {"dataset#data": data, "first_seed": int(seed)}
+        src = Path(source) if isinstance(source, (str, os.PathLike)) else None
+        if src is not None:  # the prepared folder (or datalist) the masks come from must be the crop asked for
+            folder, datalist = (src.parent, src) if src.is_file() else (src, None)
+            extra["check_data"] = (
+                f"$scripts.data.check_prepared({str(folder.resolve())!r}, @crop_mode, @prep_out_shape, "
+                f"{str(datalist.resolve()) if datalist else None!r})"
+            )
+        else:
+            extra["check_data"] = None  # in-memory records: no prepared folder to check
+        if ckpt_dir is not None:
+            extra["ckpt_dir"] = str(Path(ckpt_dir))
+    elif name == "difftumor":
+        (it,) = items
+        record = it["record"]
+        data = [{"image": record["image"], "organ": record.get("organ") or record["label"], "name": it["name"],
+                 "provenance": _provenance(it, generator, seed)}]  # fmt: skip
+        extra = {"datalist": data, "seed": it["seed"], "postprocessing#transforms#0#name_key": "name",
+                 "postprocessing#transforms#0#postfixes": {"image": "image", "label": "label"}}  # fmt: skip
+        if ckpt_dir is not None:
+            extra["ckpt_dir"] = str(Path(ckpt_dir))
+    else:  # pragma: no cover - GENERATORS is checked first
+        raise ValueError(name)
+    extra["output_dir"] = str(out)
+    extra["dataset_dir"] = _data_root(source, items)
+    return extra
+
+
+def _check_manifest(out: Path, manifest: dict) -> None:
+    path = out / "synthesize.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        keys = ("bundle", "generator", "seed", "source", "section", "samples_per_item", "overrides", "configs")
+        diff = [k for k in keys if saved.get(k) != manifest.get(k)]
+        if diff and not any(out.glob("*_label.json")) and not any(out.glob("*.skipped.json")):
+            write_json(path, manifest)  # nothing was made with the old settings (e.g. a run that failed at start)
+        elif diff:
+            raise InputError(
+                out,
+                f"holds a synthetic set made with other settings ({', '.join(diff)} differ: "
+                f"{ {k: saved.get(k) for k in diff} } vs { {k: manifest.get(k) for k in diff} }); "
+                "a rerun must use the same settings to resume, or choose another output folder",
+            )
+    else:
+        write_json(path, manifest)
+
+
+def build_datalist(out: Path, items: Sequence[Mapping[str, Any]], generator: str) -> Path:
+    """``out/datalist.json`` from the finished cases of ``items`` (in item order), paths relative to ``out``."""
+    from tools.splits import write_datalist
+
+    entries = []
+    for it in items:
+        if not is_finished(out, it["name"]):
+            continue
+        files = case_files(out, it["name"])
+        sidecar = json.loads(files["image_sidecar"].read_text())
+        entries.append(
+            {
+                "image": str(files["image"]),
+                "label": str(files["label"]),
+                "case": it["name"],
+                "synthetic": True,
+                "generator": generator,
+                "source_patient": sidecar.get("source_patient"),
+                "patient": sidecar.get("source_patient"),
+                "seed": int(sidecar.get("item_seed", it["seed"])),
+                "sample": it["sample"],
+                "source_index": it["index"],
+                "source_image": it["record"].get("image"),
+                "checkpoint_sha256": sidecar.get("checkpoint_sha256"),
+            }
+        )
+    content = {"description": f"synthetic cases written by {generator} (tools.synthesize)", "synthetic": True,
+               "generator": generator, "n_expected": len(items), "training": entries}  # fmt: skip
+    return write_datalist(content, out / "datalist.json")
+
+
+def _wait_for_all(out: Path, items: Sequence[Mapping[str, Any]], poll_s: float = 1.0) -> None:
+    while True:
+        pending = [it for it in items if not is_finished(out, it["name"]) and not _skipped(out, it["name"]).is_file()]
+        if not pending:
+            return
+        failed = sorted(out.glob(".failed_rank*.json"))
+        if failed:
+            raise RuntimeError(f"synthesize failed in another process: see {failed[0]}")
+        time.sleep(poll_s)
+
+
+def synthesize(
+    bundle: str | os.PathLike,
+    source: str | os.PathLike | Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    ckpt_dir: str | os.PathLike | None = None,
+    configs: Sequence[str] | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    samples_per_item: int = 1,
+    seed: int = 0,
+    section: str = "training",
+    max_items: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run ``bundle``'s inference over ``source`` and write the synthetic set and ``out/datalist.json``.
+
+    Args:
+        bundle: ``vae_ct``, ``ldm_abdomen`` or ``difftumor`` (a name or a bundle folder).
+        source: datalist JSON or MSD / prepared folder: masks (vae_ct, ldm_abdomen; ldm_abdomen's default crop_mode
+            ``full`` wants a folder made by ``tools data prepare --mode full --hu_window None``) or healthy scans with
+            their pancreas label (difftumor; records with ``has_tumor`` are skipped; an ``organ`` field is used in
+            place of ``label`` when present).
+        out: output folder (cases, sidecars, ``datalist.json``, ``synthesize.json``).
+        ckpt_dir: weights folder (default the bundle's ``models/``).
+        configs: config files (default vae_ct: inference + inference_3d; ldm_abdomen: inference +
+            inference_controlnet; difftumor: inference).
+        overrides: config overrides (network sizes, ``tumor_type``, ``family_name``, ``num_inference_steps``...).
+        samples_per_item: samples per source record.
+        seed: base seed; see :func:`item_seed`.
+        section: datalist section of ``source``.
+        max_items: use only the first records.
+        progress: show a progress bar.
+
+    Returns the path of ``out/datalist.json``: ``{"training": [{"image", "label", "synthetic": True, "generator",
+    "source_patient", "seed", ...}]}``.
+    """
+    from tqdm.auto import tqdm
+
+    from tools.bundles import bundle_dir, run_config
+    from tools.study_runner import distributed_context
+
+    root = bundle_dir(bundle)
+    if root.name not in GENERATORS:
+        raise ValueError(f"{root.name}: not a generative bundle; choose one of {sorted(GENERATORS)}")
+    spec = GENERATORS[root.name]
+    configs = list(spec.configs) if configs is None else ([configs] if isinstance(configs, str) else list(configs))
+    overrides = dict(overrides or {})
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    generator = _generator_name(root, spec, configs, overrides)
+    records = _source_records(spec, source, section, max_items)
+    items = plan_items(records, samples_per_item, seed)
+    rank, world = distributed_context()
+    manifest = {"bundle": root.name, "generator": generator, "seed": int(seed),
+                "source": str(Path(source).resolve()) if isinstance(source, (str, os.PathLike)) else "<records>",
+                "section": section, "samples_per_item": int(samples_per_item), "configs": configs,
+                "overrides": {k: _jsonable(v) for k, v in sorted(overrides.items())}}  # fmt: skip
+    if rank == 0:
+        _check_manifest(out, manifest)
+    else:
+        deadline = time.time() + 60
+        while not (out / "synthesize.json").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        _check_manifest(out, manifest)
+    for it in items:  # a finished case must be the one this plan would make
+        if is_finished(out, it["name"]):
+            saved = json.loads(case_files(out, it["name"])["image_sidecar"].read_text()).get("item_seed")
+            if saved is not None and int(saved) != it["seed"]:
+                raise InputError(out, f"case {it['name']} was made with seed {saved}, this run gives {it['seed']}")
+    mine = [it for it in items if it["index"] % world == rank]
+    todo = [it for it in mine if not is_finished(out, it["name"]) and not _skipped(out, it["name"]).is_file()]
+    failed_marker = out / f".failed_rank{rank}.json"
+    failed_marker.unlink(missing_ok=True)
+    try:
+        if todo:
+            batches = [[it] for it in todo] if spec.per_item_workflow else [todo]
+            bar = tqdm(total=len(todo), desc=f"synthesize {generator} ({rank + 1}/{world})", disable=not progress)
+            for batch in batches:
+                run_config(root, configs, {**overrides, **_bundle_overrides(root.name, batch, out, ckpt_dir, source,
+                                                                            seed, generator)})  # fmt: skip
+                for it in batch:
+                    if not is_finished(out, it["name"]):
+                        if spec.per_item_workflow:
+                            write_json(_skipped(out, it["name"]), {"reason": "the bundle wrote no case (tumor "
+                                       "already labelled or no organ voxel)", "record": it["record"]})  # fmt: skip
+                        else:
+                            raise RuntimeError(f"{generator}: case {it['name']} was not written")
+                bar.update(len(batch))
+            bar.close()
+    except BaseException as error:
+        if not isinstance(error, KeyboardInterrupt):
+            write_json(failed_marker, {"rank": rank, "error": repr(error)})
+        raise
+    path = build_datalist(out, items, generator)
+    if world > 1:
+        _wait_for_all(out, items)
+        path = build_datalist(out, items, generator)
+    return path
