@@ -318,12 +318,202 @@ class ReaderStudy:
         _print_json(score_reader_study(study, files))
 
 
+def _overrides(value) -> dict:
+    """Config overrides from a JSON object text, a dict (fire parses ``{...}``) or None."""
+    if value in (None, "", "None"):
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    return dict(json.loads(value))
+
+
+class Evaluate:
+    """Metrics: segmentation (seg_unet3d's own evaluation) and synthetic sets (realism, diversity, memorization)."""
+
+    def seg(self, datalist: str, ckpt_dir: str, out: str, overrides=None, section: str = "test"):
+        """Run seg_unet3d's configs/evaluate.json on a datalist; print and save its summary (Dice, NSD, HD95,
+        lesion detection per size bin, patient specificity).
+
+        Args:
+            datalist: MSD folder with dataset.json or datalist JSON holding the evaluated section.
+            ckpt_dir: folder with the trained model.pt.
+            out: output folder (summary.json, metrics_per_case.csv, metrics_summary.csv, detection_summary.csv,
+                predictions/).
+            overrides: config overrides as a JSON object, e.g. '{"network_def#channels": [4, 8, 16, 32, 64]}'.
+            section: datalist section to evaluate.
+        """
+        from tools.evaluation import evaluate_segmentation
+
+        _print_json(evaluate_segmentation(datalist, ckpt_dir, out, overrides=_overrides(overrides), section=section))
+
+    def synthetic(
+        self,
+        synthetic: str,
+        real: str,
+        out: str,
+        seg_bundle: str | None = None,
+        seg_ckpt: str | None = None,
+        training: str | None = None,
+        seg_overrides=None,
+        min_pancreas_ml: float = 1.0,
+    ):
+        """Compare a synthetic set with a real one: HU histogram distance, median HU per label/organ, pancreas
+        found by seg_unet3d, 3D Frechet feature distance, sample diversity, memorization.
+
+        Writes metrics.json, metrics.csv, montage.png and histogram.png under --out.
+
+        Args:
+            synthetic: synthetic set (datalist.json written by `synthesize`, or its folder).
+            real: real set (MSD folder or datalist JSON).
+            out: output folder.
+            seg_bundle: seg_unet3d bundle folder (default bundles/seg_unet3d).
+            seg_ckpt: seg_unet3d weights (model.pt or its folder): enables the pancreas check and trained features
+                (without it the feature distance uses a fixed random-weight network, with a warning).
+            training: the generator's training set: enables the memorization check (vae_ct's near-copy search).
+            seg_overrides: seg_unet3d config overrides as a JSON object (network size of a small model...).
+            min_pancreas_ml: predicted pancreas volume for a scan to count as "pancreas found".
+        """
+        from tools.evaluation import evaluate_synthetic
+
+        metrics = evaluate_synthetic(
+            synthetic, real, out, seg_bundle=seg_bundle, seg_ckpt=seg_ckpt, training=training,
+            seg_overrides=_overrides(seg_overrides), min_pancreas_ml=min_pancreas_ml,
+        )  # fmt: skip
+        _print_json(metrics)
+
+
+class Study:
+    """The seed papers' studies: arms x seeds of seg_unet3d trainings -> results.csv, table.md, PNG figures.
+
+    Each command is resumable (finished jobs are kept) and shards its jobs over processes under torchrun:
+    `torchrun --standalone --nproc_per_node=2 -m tools study ratio --out runs/studies` gives the same table as one
+    process. `--scale demo|small|paper` chooses data size, epochs and network widths (paper: the bundles' defaults).
+    """
+
+    @staticmethod
+    def _run(name: str, out, scale, seeds, threads, **options):
+        from tools.studies import run_study
+
+        seeds = None if seeds in (None, "", "None") else [int(s) for s in _tuple(seeds, cast=int)]
+        table = run_study(name, out, scale=scale, seeds=seeds, threads=int(threads), **options)
+        if table is not None:
+            print((Path(out) / name / "table.md").read_text())
+
+    def ratio(
+        self,
+        out: str = "runs/studies",
+        scale: str = "demo",
+        seeds=None,
+        threads: int = 1,
+        data: str | None = None,
+        real: str | None = None,
+        synthetic=None,
+        generators=None,
+    ):
+        """(a) seed 000 Table 1: real only vs synthetic:real 100:0 / 50:50 / 25:75 for VAE, DM and VAE+DM.
+
+        Binary pancreas segmentation (seg_unet3d + binary.json) on pancreas crops, every arm evaluated on the same
+        real test crops. Without --synthetic the study makes its inputs under <out>/generative: pancreas crops of the
+        phantom (or --data), vae_ct (3D crops) and ldm_abdomen (ControlNet on the mask) trained at the scale, one
+        synthetic image + label per real training mask.
+
+        Args:
+            out: folder of all studies (this one writes <out>/ratio/).
+            scale: demo, small or paper.
+            seeds: comma-separated seeds per arm (default: the scale's, demo 0,1).
+            threads: torch threads per job (keep 1 for tables identical across process counts).
+            data: MSD folder to crop instead of the phantom.
+            real: with --synthetic: the real datalist (training/validation/test) the synthetic sets came from.
+            synthetic: existing synthetic sets, e.g. VAE=runs/syn/vae/datalist.json,DM=runs/syn/dm/datalist.json.
+            generators: arms' generators, comma-separated (default VAE,DM,VAE+DM).
+        """
+        gens = None if generators is None else [g for g in _tuple(generators, cast=str)]
+        self._run("ratio", out, scale, seeds, threads, data=data, real=real,
+                  synthetic=_parse_generators(synthetic) or None, generators=gens)  # fmt: skip
+
+    def tumor_size(
+        self, out: str = "runs/studies", scale: str = "demo", seeds=None, threads: int = 1, data: str | None = None,
+        family: str | None = None, sizes=None,
+    ):  # fmt: skip
+        """(b) seed 001 Table 1: no synthesis vs synthetic tumors tiny / small / medium / large / mixed.
+
+        Tumors are inserted online into healthy training cases by difftumor's TumorSynthesisd in seg_unet3d's
+        online_augmentation slot (size classes: quartiles of the training tumors, as seed 001). Tumor DSC and NSD
+        on the real tumor test cases.
+
+        Args:
+            out: folder of all studies (writes <out>/tumor_size/).
+            scale: demo, small or paper.
+            seeds: comma-separated seeds per arm.
+            threads: torch threads per job.
+            data: MSD folder instead of the phantom.
+            family: synthesis family (default: handcrafted at demo scale, difftumor otherwise).
+            sizes: size arms, comma-separated (default tiny,small,medium,large,mixed).
+        """
+        sizes = None if sizes is None else list(_tuple(sizes, cast=str))
+        self._run("tumor_size", out, scale, seeds, threads, data=data, family=family, sizes=sizes)
+
+    def label_noise(self, out: str = "runs/studies", scale: str = "demo", seeds=None, threads: int = 1,
+                    data: str | None = None):  # fmt: skip
+        """(c) seed 001 Tables 2-3: clean labels vs noisy tumor labels (low / moderate / high / extreme).
+
+        Static noisy copies of the training labels (difftumor's NoisyTumorLabeld, one draw per seed), training on
+        them, evaluation on the clean test labels.
+
+        Args:
+            out: folder of all studies (writes <out>/label_noise/).
+            scale: demo, small or paper.
+            seeds: comma-separated seeds per arm.
+            threads: torch threads per job.
+            data: MSD folder instead of the phantom.
+        """
+        self._run("label_noise", out, scale, seeds, threads, data=data)
+
+    def crop_context(self, out: str = "runs/studies", scale: str = "demo", seeds=None, threads: int = 1,
+                     data: str | None = None, seg_ckpt: str | None = None):  # fmt: skip
+        """(d) seed 002: ldm_abdomen trained per crop mode (full / semi / pancreas), samples evaluated.
+
+        Each job trains the autoencoder, diffusion model and ControlNet on one crop mode, synthesizes one image +
+        label per training mask and scores the set with tools.evaluation.evaluate_synthetic (HU histogram
+        distance, per-organ HU, pancreas found by seg_unet3d when --seg_ckpt is given, feature distance, diversity,
+        memorization).
+
+        Args:
+            out: folder of all studies (writes <out>/crop_context/).
+            scale: demo, small or paper.
+            seeds: comma-separated seeds per arm.
+            threads: torch threads per job.
+            data: MSD folder instead of the phantom.
+            seg_ckpt: a trained seg_unet3d checkpoint folder for "pancreas found" (optional).
+        """
+        self._run("crop_context", out, scale, seeds, threads, data=data, seg_ckpt=seg_ckpt)
+
+    def tumor_families(
+        self, out: str = "runs/studies", scale: str = "demo", seeds=None, threads: int = 1, data: str | None = None,
+        families=None,
+    ):  # fmt: skip
+        """(e) none vs DiffTumor vs hand-crafted vs cellular-automaton tumors: detection sensitivity per size bin.
+
+        Args:
+            out: folder of all studies (writes <out>/tumor_families/).
+            scale: demo, small or paper.
+            seeds: comma-separated seeds per arm.
+            threads: torch threads per job.
+            data: MSD folder instead of the phantom.
+            families: family arms, comma-separated (default difftumor,handcrafted,cellular).
+        """
+        families = None if families is None else list(_tuple(families, cast=str))
+        self._run("tumor_families", out, scale, seeds, threads, data=data, families=families)
+
+
 class Cli:
     """Tools for the pancreas CT synthesis bundles. Run `python -m tools <command> --help` for each command."""
 
     def __init__(self):
         self.data = Data()
         self.reader_study = ReaderStudy()
+        self.evaluate = Evaluate()
+        self.study = Study()
 
     def mix(
         self,
@@ -395,6 +585,51 @@ class Cli:
         )
         _print_json(workflow.parser.get_parsed_content("adaptation"))
 
+    def synthesize(
+        self,
+        bundle: str,
+        source: str,
+        out: str,
+        ckpt_dir: str | None = None,
+        configs=None,
+        overrides=None,
+        samples_per_item: int = 1,
+        seed: int = 0,
+        section: str = "training",
+        max_items: int | None = None,
+        progress: bool = True,
+    ):
+        """Write a synthetic data set with a generative bundle (vae_ct, ldm_abdomen, difftumor) and its datalist.
+
+        Resumable (a rerun makes only the missing cases, never rewrites a finished one) and shardable:
+        `torchrun --nproc_per_node=N -m tools synthesize ...` splits the cases between N processes. Every file
+        carries the bundle's provenance (NIfTI description SYNTHETIC + sidecar JSON).
+
+        Args:
+            bundle: vae_ct, ldm_abdomen or difftumor (or a bundle folder).
+            source: masks (vae_ct, ldm_abdomen) or healthy scans with pancreas labels (difftumor): MSD or prepared
+                folder, or datalist JSON. ldm_abdomen wants a folder made by `data prepare --mode full
+                --hu_window None` (or pass --overrides '{"crop_mode": "none"}').
+            out: output folder (cases, sidecars, datalist.json).
+            ckpt_dir: weights folder (default the bundle's models/).
+            configs: config files, comma-separated (default per bundle).
+            overrides: config overrides as a JSON object, e.g. '{"tumor_type": "large"}'.
+            samples_per_item: samples per source record.
+            seed: base seed (sample k of record m gets seed + 100000 m + k).
+            section: datalist section of the source.
+            max_items: use only the first records.
+            progress: progress bar.
+        """
+        from tools.synthesize import synthesize
+
+        names = None if configs in (None, "", "None") else _tuple(configs, cast=str)
+        print(
+            synthesize(
+                bundle, source, out, ckpt_dir=ckpt_dir, configs=names, overrides=_overrides(overrides),
+                samples_per_item=samples_per_item, seed=seed, section=section, max_items=max_items, progress=progress,
+            )
+        )  # fmt: skip
+
     def check_bundle(self, bundle_dir: str, schema: str | None = None, **overrides):
         """Run the bundle check harness on a bundle folder (layout, metadata, properties, net in/out, TorchScript).
 
@@ -408,7 +643,8 @@ class Cli:
         check_bundle_cli(bundle_dir, schema=schema, **overrides)
 
     def sync_bundle_scripts(self, bundles_root: str | None = None):
-        """Copy the vendored modules of tools/bundle_scripts (checkpointing, provenance) into the bundles' scripts/.
+        """Copy the vendored modules of tools/bundle_scripts (checkpointing, provenance, validation) into every
+        bundle's scripts/.
 
         Args:
             bundles_root: folder holding the bundles (default: bundles/ of this repository).
@@ -419,17 +655,40 @@ class Cli:
         for path in sync(root):
             print(f"updated {path}")
 
-    def demo(self, out: str = "runs/demo", n_cases: int = 12, seed: int = 0):
-        """The main job at demo scale (what `make demo` runs): phantom data set, montage and realism figures.
+    def report(self, out: str = "runs/demo", title: str = "Pancreas CT synthesis: study report"):
+        """One Markdown + HTML report (report.md, report.html) from the study folders found in a folder.
+
+        Includes every study's table (mean +- std over seeds), bar charts with error bars, training-loss curves,
+        the synthetic sets' evaluation (montages, HU histograms, memorization) and the phantom figures when present.
+
+        Args:
+            out: the folder holding the study folders (ratio/, tumor_size/, ...), e.g. runs/demo or runs/studies.
+            title: the report's title.
+        """
+        from tools.studies import write_report
+
+        md, page = write_report(out, title=title)
+        print(md)
+        print(page)
+
+    def demo(self, out: str = "runs/demo", seed: int = 0, scale: str = "demo", nproc: int = 2, studies=None):
+        """The main job at demo scale (what `make demo` runs), under 30 minutes on a 2-core CPU.
+
+        phantom data set -> vae_ct and ldm_abdomen trained briefly -> synthetic image + label sets -> ratio study
+        (seed 000 Table 1) -> synthetic-set evaluation -> tumor-size study (seed 001 Table 1) -> report.md/.html.
+        A second run reuses everything already made.
 
         Args:
             out: output folder (reused by a second run).
-            n_cases: phantom patients.
-            seed: seed of everything.
+            seed: phantom seed.
+            scale: demo (default), small or paper.
+            nproc: processes for the studies' jobs (one thread each).
+            studies: comma-separated subset of ratio,tumor_size (default both).
         """
         from tools.demo import run_demo
 
-        run_demo(out, n_cases=n_cases, seed=seed)
+        chosen = ("ratio", "tumor_size") if studies is None else tuple(_tuple(studies, cast=str))
+        run_demo(out, seed=seed, scale=scale, nproc=int(nproc), studies=chosen)
 
 
 def main() -> None:
