@@ -434,6 +434,10 @@ def train_ldm(crops_split: Path, ckpt_dir: Path, settings: Mapping[str, Any], cr
             "crop_mode": crop_mode, "prep_out_shape": _prep_shape(crops_split), "seed": seed,
             **ldm_image_size(settings), **settings["ldm_nets"],
             **settings["ldm_train"]}  # fmt: skip
+    # train on the split's training patients only: the bundle's default datalist is the folder's dataset.json, whose
+    # training section also holds the patients the studies keep for validation
+    for key, sections in (("train_datalist", "'training'"), ("val_datalist", "['validation', 'test']")):
+        base[key] = f"$scripts.data.load_datalist(@dataset_dir, {sections}, datalist_file={str(crops_split)!r})"
     stages = [("autoencoder", ["train.json", "train_autoencoder.json"]), ("diffusion", ["train.json"])]
     if controlnet:
         stages.append(("controlnet", ["train.json", "train_controlnet.json"]))
