@@ -48,6 +48,70 @@ def test_the_table_covers_every_bundle_config_that_reads_data_and_every_kind():
         assert any(applicable(e, kind) for e in entries), kind.name
 
 
+#: tools commands that read no user scan, and where their inputs are tested instead
+READS_NO_SCAN = {
+    "data phantom": "writes the phantom; reads nothing",
+    "data realism": "reads the fixed real CT sample of ../shared (tools.realism, tests/test_realism.py)",
+    "data convert_dicom": "DICOM series: missing slices, mixed series, bad geometry in tests/test_dicom.py",
+    "reader_study score": "reads a ratings CSV against key.json: bad sheets in tests/test_reader_study.py",
+    "adapt_brats": "reads a BraTS checkpoint, no scan: a malicious checkpoint in tests/test_security.py",
+    "check_bundle": "reads a bundle's configs",
+    "sync_bundle_scripts": "copies tools/bundle_scripts into the bundles",
+    "report": "reads the studies' own result tables",
+    "demo": "makes its own phantom data set",
+}
+
+
+def _cli_commands() -> list[str]:
+    """Every command of ``python -m tools`` (fire exposes the public methods of Cli and of its groups)."""
+    import inspect
+
+    from tools.cli import Cli
+
+    cli = Cli()
+    commands = []
+    for name, member in inspect.getmembers(cli):
+        if name.startswith("_"):
+            continue
+        if inspect.ismethod(member):
+            commands.append(name)
+        else:  # a group (data, evaluate, study, reader_study)
+            commands += [f"{name} {sub}" for sub, m in inspect.getmembers(member, inspect.ismethod)
+                         if not sub.startswith("_")]  # fmt: skip
+    return commands
+
+
+def test_every_tools_command_that_reads_scans_is_an_entry_point_of_the_suite():
+    names = [e.name for e in entry_points()]
+    commands = _cli_commands()
+    assert {"synthesize", "evaluate seg", "study ratio", "reader_study build", "mix"} <= set(commands)
+    for command in commands:
+        if command in READS_NO_SCAN:
+            continue
+        assert any(name.startswith(f"tools {command}") for name in names), f"`tools {command}` is not in the suite"
+    for name in ("tools study ratio --real", "tools study ratio --synthetic", "tools evaluate synthetic (real set)",
+                 "tools evaluate synthetic (synthetic set)", "tools evaluate synthetic (training set)",
+                 "tools reader_study build (real)", "tools reader_study build (synthetic)"):  # fmt: skip
+        assert name in names, name  # each input of a command that reads several sets is a row of its own
+    assert set(READS_NO_SCAN) <= set(commands), set(READS_NO_SCAN) - set(commands)
+
+
+def test_synthesize_checks_every_source_before_it_writes(tmp_path):
+    """A bad mask anywhere in the source is refused before the output folder (and its manifest) exists."""
+    from tools.synthesize import synthesize
+
+    data = write_dataset(tmp_path / "data", n_training=3)
+    label = data / "labelsTr" / "case_002.nii.gz"  # the last record: a bundle would reach it after two cases
+    image = nib.load(str(label))
+    array = np.asarray(image.dataobj).copy()
+    array[array == 2] = 7
+    nib.save(nib.Nifti1Image(array, image.affine), str(label))
+    with pytest.raises(InputError, match="outside the label set") as info:
+        synthesize("vae_ct", data, tmp_path / "out", ckpt_dir=tmp_path, progress=False)
+    assert "case_002" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_runner_counts_a_pipeline_that_does_not_check_as_lost(monkeypatch):
     """The suite can fail: with the checks switched off, bad voxels go through and are counted as lost."""
     monkeypatch.setattr("tools.datasets.validate_records", lambda records, **kwargs: records)

@@ -738,3 +738,30 @@ def test_dice_loss_and_adamw_are_one_override_each():
     parser.parse(reset=True)
     assert type(parser.get_parsed_content("loss")) is DiceLoss
     assert type(parser.get_parsed_content("optimizer")) is torch.optim.AdamW
+
+
+def test_thread_loader_raises_what_fails_in_its_thread():
+    """MONAI's ThreadDataLoader ends the iteration when its thread fails (a bad scan evaluated as 0 cases); the
+    bundle's loader raises the error, after the items before it, and otherwise yields what MONAI's does."""
+    from monai.data import Dataset
+    from monai.data import ThreadDataLoader as MonaiThreadDataLoader
+
+    load_scripts()
+    loaders = importlib.import_module("seg_unet3d_scripts_under_test.loaders")
+
+    def transform(x):
+        if x == 3:
+            raise ValueError("item 3 is broken")
+        return x
+
+    dataset = Dataset(list(range(5)), transform=transform)
+    seen = []
+    with pytest.raises(RuntimeError) as info:  # MONAI's transform wrapper, the broken item's error as its cause
+        for batch in loaders.ThreadDataLoader(dataset, batch_size=1):
+            seen.append(int(batch))
+    assert seen == [0, 1, 2] and "item 3 is broken" in str(info.value.__cause__)
+    assert len(list(MonaiThreadDataLoader(dataset, batch_size=1))) == 3  # MONAI's: no error, items missing
+    good = Dataset(list(range(5)))
+    ours = [b.tolist() for b in loaders.ThreadDataLoader(good, batch_size=2, repeats=2)]
+    assert ours == [b.tolist() for b in MonaiThreadDataLoader(good, batch_size=2, repeats=2)]
+    assert ours == [[0, 1], [0, 1], [2, 3], [2, 3], [4], [4]]

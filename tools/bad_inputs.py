@@ -8,8 +8,12 @@ copy of it with that one defect, and feeds it to every entry point that reads th
 
 * the bundles' training, inference and evaluation data paths, built by ``monai.bundle`` from the bundles' own
   configs with tiny overrides (the dataset component each workflow iterates, so the case fails exactly where the
-  workflow would, before a network sees a voxel);
-* the tools readers: ``data list --validate``, ``data prepare``, ``data split``, ``data quartiles``, ``mix``.
+  workflow would, before a network sees a voxel), and seg_unet3d's whole inference workflow;
+* every ``python -m tools`` command that reads scans: ``data list --validate``, ``data prepare``, ``data split``,
+  ``data quartiles``, ``mix``, ``synthesize`` (each generator), ``evaluate seg``, ``evaluate synthetic``,
+  ``reader_study build``, ``study <name> --data`` and ``study ratio --real / --synthetic``, called through
+  :mod:`tools.cli` as a user would, with each data set of a command that reads several as a row of its own.
+  ``tests/test_bad_inputs.py`` lists the commands that read no scan and why.
 
 A case is *handled* when the entry point raises an ``InputError`` (a ``ValueError``; possibly wrapped by MONAI)
 whose message names the bad file and the problem, no output file (nor a temporary ``.part`` file) is left behind,
@@ -23,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -76,11 +81,12 @@ def valid_volumes() -> tuple[np.ndarray, np.ndarray]:
     return ct, label
 
 
-def write_dataset(root: Path, n_training: int = 2) -> Path:
-    """An MSD-layout folder with ``n_training`` copies of the valid case (training and test) and ``dataset.json``."""
+def write_dataset(root: Path, n_training: int = 2, n_validation: int = 1) -> Path:
+    """An MSD-layout folder with copies of the valid case: ``n_training`` training, ``n_validation`` validation
+    (the defects go into the first training and the test case), one test case, and ``dataset.json``."""
     ct, label = valid_volumes()
     entries = []
-    for index in range(n_training):
+    for index in range(n_training + n_validation):
         name = f"case_{index:03d}"
         _save(root / "imagesTr" / f"{name}.nii.gz", ct, _affine())
         _save(root / "labelsTr" / f"{name}.nii.gz", label, _affine())
@@ -91,7 +97,8 @@ def write_dataset(root: Path, n_training: int = 2) -> Path:
         "name": "bad_inputs",
         "modality": {"0": "CT"},
         "labels": {"0": "background", "1": "pancreas", "2": "tumour"},
-        "training": entries,
+        "training": entries[:n_training],
+        "validation": entries[n_training:],
         "test": [{"image": f"./imagesTs/{TEST_CASE}.nii.gz", "label": f"./labelsTs/{TEST_CASE}.nii.gz"}],
     }
     (root / "dataset.json").write_text(json.dumps(content, indent=2))
@@ -347,11 +354,203 @@ def _tools_mix(data: Path, out: Path) -> None:
     mix_datalist(data, {"vae": data}, "50:50")
 
 
+class _WithFixtures:
+    """An entry point whose run needs files besides the data set (weights, a valid second data set, a scale file):
+    ``make(folder)`` writes them once into a temporary folder that lives while the entry point's cases run, and
+    ``call(data, out, fixtures)`` is the run. Output printed by the command (JSON summaries) is kept off the suite's
+    report."""
+
+    def __init__(self, make: Callable[[Path], dict], call: Callable[[Path, Path, dict], Any]):
+        self.make, self.call, self.fixtures = make, call, None
+
+    @contextlib.contextmanager
+    def context(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            self.fixtures = self.make(Path(tmp))
+            try:
+                yield
+            finally:
+                self.fixtures = None
+
+    def __call__(self, data: Path, out: Path) -> Any:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return self.call(data, out, self.fixtures)
+
+
+def tiny_networks(bundle: str, configs: Sequence[str], overrides: dict, files: dict[str, str], folder: Path) -> Path:
+    """Random-weight networks of a bundle's configs at ``overrides`` size, saved as ``files``
+    (config id -> file name) in ``folder``: weights for an entry point's valid control."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    root = BUNDLES_ROOT / bundle
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / c) for c in configs])
+    parser["bundle_root"] = str(root)
+    for key, value in overrides.items():
+        parser[key] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    with bundle_on_path(root):
+        torch.manual_seed(0)
+        for config_id, name in files.items():
+            torch.save(parser.get_parsed_content(config_id).state_dict(), folder / name)
+    return folder
+
+
 TINY_SEG = {"roi_size": [16, 16, 16], "num_samples": 1, "cache_workers": 1, "cache_rate": 1.0, "val_fraction": 0.0}
 TINY_VAE = {"roi_size": [16, 16, 4], "num_workers": 0}
 TINY_LDM = {"image_size": [16, 16, 16], "pre_resize": None, "crop_mode": "none"}
 DT_DATASETS = ("train#dataset", "validate#dataset")  # the first n_val cases validate
 TINY_DT = {"roi_size": [16, 16, 16], "num_workers": 0, "num_crops": 1}
+
+
+TINY_SEG_NET = {"network_def#channels": [4, 8, 16], "network_def#strides": [2, 2], "network_def#num_res_units": 1,
+                "roi_size": [16, 16, 16], "sw_batch_size": 1, "pixdim": [-1, -1, -1]}  # fmt: skip
+TINY_VAE_NET = {"roi_size": [16, 16, 16], "strides": [2, 2], "channels": [4, 8], "latent_size": 8}
+TINY_LDM_NET = {
+    "image_size": [16, 16, 16],
+    "crop_mode": "none",
+    "pre_resize": None,
+    "autoencoder_def#channels": [8, 8, 8],
+    "autoencoder_def#num_res_blocks": 1,
+    "autoencoder_def#norm_num_groups": 4,
+    "diffusion_def#channels": [8, 8, 16],
+    "diffusion_def#num_head_channels": [0, 8, 8],
+    "diffusion_def#num_res_blocks": 1,
+    "diffusion_def#norm_num_groups": 4,
+    "conditioning_embedding_channels": [4, 8, 8],
+    "num_inference_steps": 2,
+}
+
+
+def _seg_weights(folder: Path) -> dict:
+    return {"seg": tiny_networks("seg_unet3d", ["train.json"], TINY_SEG_NET, {"network_def": "model.pt"},
+                                 folder / "seg")}  # fmt: skip
+
+
+def _seg_inference_weights(folder: Path) -> dict:
+    return {"seg_inference": tiny_networks("seg_unet3d", ["inference.json"], TINY_SEG_NET, {"network_def": "model.pt"},
+                                           folder / "seg_inference")}  # fmt: skip
+
+
+def _seg_inference(data: Path, out: Path, fixtures: dict) -> Any:
+    """seg_unet3d's whole ``configs/inference.json`` workflow (loader, sliding window, writer), not only its
+    dataset: MONAI's ThreadDataLoader used to end the run silently on a file that failed in its thread."""
+    from tools.bundles import run_config
+
+    settings = {"dataset_dir": str(data), "output_dir": str(out / "predictions"),
+                "ckpt_path": str(fixtures["seg_inference"] / "model.pt"), **TINY_SEG_NET}  # fmt: skip
+    run_config("seg_unet3d", ["inference.json"], settings, workflow_type="infer")
+
+
+def _vae_weights(folder: Path) -> dict:
+    return {"vae": tiny_networks("vae_ct", ["inference.json", "inference_3d.json"], TINY_VAE_NET,
+                                 {"network_def": "model.pt"}, folder / "vae")}  # fmt: skip
+
+
+def _ldm_weights(folder: Path) -> dict:
+    files = {"autoencoder_def": "model_autoencoder.pt", "diffusion_def": "model.pt",
+             "controlnet_def": "model_controlnet.pt"}  # fmt: skip
+    ckpt = tiny_networks("ldm_abdomen", ["inference.json", "inference_controlnet.json"], TINY_LDM_NET, files,
+                         folder / "ldm")  # fmt: skip
+    stats = {"scale_factor": 1.0, "latent_shape": [8, 4, 4, 4],
+             "autoencoder_sha256": hashlib.sha256((ckpt / "model_autoencoder.pt").read_bytes()).hexdigest(),
+             "hu_window": [-1000.0, 1000.0], "image_size": TINY_LDM_NET["image_size"], "objective": "epsilon",
+             "reference_affine": np.eye(4).tolist()}  # fmt: skip
+    (ckpt / "latent_stats.json").write_text(json.dumps(stats))
+    return {"ldm": ckpt}
+
+
+def _reference_set(folder: Path) -> dict:
+    return {"reference": write_dataset(folder / "reference")}
+
+
+def _synthesize(bundle: str, ckpt: str | None, overrides: dict) -> Callable[[Path, Path, dict], Any]:
+    def call(data: Path, out: Path, fixtures: dict) -> Any:
+        from tools.cli import Cli
+
+        Cli().synthesize(bundle, str(data), str(out / "synthetic"), ckpt_dir=fixtures[ckpt] if ckpt else None,
+                         overrides=json.dumps(overrides), progress=False)  # fmt: skip
+
+    return call
+
+
+def _evaluate_seg(data: Path, out: Path, fixtures: dict) -> Any:
+    from tools.cli import Evaluate
+
+    Evaluate().seg(str(data), str(fixtures["seg"]), str(out / "eval"), overrides=json.dumps(TINY_SEG_NET))
+
+
+def _evaluate_synthetic(role: str) -> Callable[[Path, Path, dict], Any]:
+    """``tools evaluate synthetic`` with the bad data set as its synthetic, real or training (memorization) set."""
+
+    def call(data: Path, out: Path, fixtures: dict) -> Any:
+        from tools.cli import Evaluate
+
+        sets = {"synthetic": fixtures["reference"], "real": fixtures["reference"], "training": None, role: data}
+        Evaluate().synthetic(str(sets["synthetic"]), str(sets["real"]), str(out / "eval"),
+                             training=None if sets["training"] is None else str(sets["training"]))  # fmt: skip
+
+    return call
+
+
+def _reader_study(role: str) -> Callable[[Path, Path, dict], Any]:
+    def call(data: Path, out: Path, fixtures: dict) -> Any:
+        from tools.cli import ReaderStudy
+
+        sets = {"real": fixtures["reference"], "synthetic": fixtures["reference"], role: data}
+        ReaderStudy().build(str(sets["real"]), str(sets["synthetic"]), str(out / "reader_study"))
+
+    return call
+
+
+def _tiny_scale(folder: Path) -> dict:
+    """A study scale file: one seed, one arm besides the baseline, 1-epoch tiny networks (the valid controls run
+    every study whole)."""
+    from tools.studies import scale_settings
+
+    demo = scale_settings("demo")
+    seg = {**TINY_SEG_NET, "num_samples": 1, "cache_workers": 1, "train#trainer#max_epochs": 1, "val_interval": 1}
+    scale = {
+        "base": "demo",
+        "seeds": [0],
+        "seg": seg,
+        "tumor_seg": seg,
+        "crop_shape": [16, 16, 16],
+        "vae": {**demo["vae"], "strides": [2, 2], "channels": [4, 8], "latent_size": 8, "max_epochs": 1,
+                "val_interval": 1},
+        "ldm_epochs": {"autoencoder": 1, "diffusion": 1, "controlnet": 1},
+        "ldm_infer": {"num_inference_steps": 2},
+        "arms": {"label_noise": ["low"], "ratio": ["VAE"], "tumor_size": ["small"], "crop_context": ["pancreas"],
+                 "tumor_families": ["handcrafted"]},
+    }  # fmt: skip
+    path = folder / "tiny_scale.json"
+    path.write_text(json.dumps(scale))
+    return {**_reference_set(folder), "scale": path}
+
+
+def _study_data(name: str) -> Callable[[Path, Path, dict], Any]:
+    """``tools study <name> --data D`` with the bad data set as D."""
+
+    def call(data: Path, out: Path, fixtures: dict) -> Any:
+        from tools.cli import Study
+
+        getattr(Study(), name)(out=str(out / "studies"), scale=str(fixtures["scale"]), data=str(data))
+
+    return call
+
+
+def _study_ratio(role: str) -> Callable[[Path, Path, dict], Any]:
+    """``tools study ratio --real R --synthetic VAE=S`` with the bad data set as R or S."""
+
+    def call(data: Path, out: Path, fixtures: dict) -> Any:
+        from tools.cli import Study
+
+        sets = {"real": fixtures["reference"], "synthetic": fixtures["reference"], role: data}
+        Study().ratio(out=str(out / "studies"), scale=str(fixtures["scale"]), real=str(sets["real"]),
+                      synthetic=f"VAE={sets['synthetic']}")  # fmt: skip
+
+    return call
 
 
 def entry_points() -> list[EntryPoint]:
@@ -360,7 +559,7 @@ def entry_points() -> list[EntryPoint]:
         EntryPoint("seg_unet3d train/evaluate", everything,
                    _bundle_dataset("seg_unet3d", ["train.json"], "train#dataset", TINY_SEG)),
         EntryPoint("seg_unet3d inference", ("image",),
-                   _bundle_dataset("seg_unet3d", ["inference.json"], "dataset", {})),
+                   _WithFixtures(_seg_inference_weights, _seg_inference)),
         EntryPoint("vae_ct train (all families)/evaluate", everything,
                    _bundle_dataset("vae_ct", ["train.json"], "train#dataset", TINY_VAE)),
         EntryPoint("vae_ct inference", ("label", "datalist"),
@@ -387,6 +586,29 @@ def entry_points() -> list[EntryPoint]:
                    skip=("empty_label", "all_foreground_label", "label_outside_set")),  # it only counts tumour
         # components (a healthy case has none); label contents are refused by `data list --validate` and prepare
         EntryPoint("tools mix", ("datalist",), _tools_mix),
+        EntryPoint("tools synthesize vae_ct", ("label", "datalist"),
+                   _WithFixtures(_vae_weights, _synthesize("vae_ct", "vae", TINY_VAE_NET)), label_only=True),
+        EntryPoint("tools synthesize ldm_abdomen", ("label", "datalist"),
+                   _WithFixtures(_ldm_weights, _synthesize("ldm_abdomen", "ldm", TINY_LDM_NET)), label_only=True),
+        EntryPoint("tools synthesize difftumor", everything,
+                   _WithFixtures(lambda folder: {}, _synthesize("difftumor", None, {"family_name": "handcrafted"})),
+                   skip=("label_outside_set",)),  # the organ mask may be any organ map (as difftumor inference)
+        EntryPoint("tools evaluate seg", everything, _WithFixtures(_seg_weights, _evaluate_seg)),
+        EntryPoint("tools evaluate synthetic (real set)", everything,
+                   _WithFixtures(_reference_set, _evaluate_synthetic("real"))),
+        EntryPoint("tools evaluate synthetic (synthetic set)", everything,
+                   _WithFixtures(_reference_set, _evaluate_synthetic("synthetic")),
+                   skip=("mr_as_ct",)),  # a generator's output is measured, not refused, when it is not CT-like
+        EntryPoint("tools evaluate synthetic (training set)", ("image", "datalist"),
+                   _WithFixtures(_reference_set, _evaluate_synthetic("training"))),
+        EntryPoint("tools reader_study build (real)", everything, _WithFixtures(_reference_set, _reader_study("real"))),
+        EntryPoint("tools reader_study build (synthetic)", everything,
+                   _WithFixtures(_reference_set, _reader_study("synthetic")), skip=("mr_as_ct",)),
+        *[EntryPoint(f"tools study {name} --data", everything, _WithFixtures(_tiny_scale, _study_data(name)))
+          for name in ("ratio", "tumor_size", "label_noise", "crop_context", "tumor_families")],
+        EntryPoint("tools study ratio --real", everything, _WithFixtures(_tiny_scale, _study_ratio("real"))),
+        EntryPoint("tools study ratio --synthetic", everything, _WithFixtures(_tiny_scale, _study_ratio("synthetic")),
+                   skip=("mr_as_ct",)),
     ]  # fmt: skip
 
 

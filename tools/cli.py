@@ -423,7 +423,8 @@ class Study:
             seeds: comma-separated seeds per arm (default: the scale's, demo 0,1).
             threads: torch threads per job (keep 1 for tables identical across process counts).
             data: MSD folder to crop instead of the phantom.
-            real: with --synthetic: the real datalist (training/validation/test) the synthetic sets came from.
+            real: with --synthetic: the real datalist the synthetic sets came from, with training, validation
+                (required: the 100:0 arms have no real training case) and test sections, as `data split` writes.
             synthetic: existing synthetic sets, e.g. VAE=runs/syn/vae/datalist.json,DM=runs/syn/dm/datalist.json.
             generators: arms' generators, comma-separated (default VAE,DM,VAE+DM).
         """

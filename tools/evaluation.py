@@ -39,6 +39,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from tools.datasets import validate_records
 from tools.io import atomic_path, load_nifti, write_json
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ FEATURE_WINDOW = (-175.0, 250.0)
 #: Maximum body voxels taken per volume for the pooled histograms (a regular subsample beyond that).
 MAX_VALUES_PER_VOLUME = 2_000_000
 LABEL_NAMES = {1: "pancreas", 2: "tumor"}
+SET_LABELS = (0, *LABEL_NAMES)  # the label values a real or synthetic set may hold
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,10 +466,16 @@ def evaluate_synthetic(
     ``diversity_*``, ``memorization_*``, counts, and the feature network's description).
     """
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     syn_records, real_records = _records(synthetic), _records(real)
+    training_records = _records(training) if training is not None else []
     if not syn_records or not real_records:
         raise ValueError("both the synthetic and the real set need at least one case")
+    # every file is checked before anything is written; a synthetic image need not look like CT (a poor generator's
+    # output is what is measured), the real and training ones must
+    validate_records(syn_records, check_ct=False, allowed_labels=SET_LABELS)
+    validate_records(real_records, allowed_labels=SET_LABELS)
+    validate_records(training_records, allowed_labels=SET_LABELS)
+    out.mkdir(parents=True, exist_ok=True)
 
     def read(records):
         cases = []
@@ -520,7 +528,7 @@ def evaluate_synthetic(
         memorization = importlib.import_module(f"{package.__name__}.memorization")
         threshold = memorization.DEFAULT_THRESHOLD if memorization_threshold is None else memorization_threshold
         report = memorization.check_memorization(
-            [r["image"] for r in syn_records], [r["image"] for r in _records(training)], threshold=threshold,
+            [r["image"] for r in syn_records], [r["image"] for r in training_records], threshold=threshold,
             verbose=False, report_file=out / "memorization.json",
         )  # fmt: skip
         metrics["memorization_n_near_copies"] = report["n_near_copies"]

@@ -23,6 +23,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from tools.datasets import validate_records
 from tools.errors import InputError
 from tools.io import atomic_path, write_json
 
@@ -140,6 +141,10 @@ def build_reader_study(
     cases = _entries(real, "real") + _entries(synthetic, "synthetic")
     if not cases:
         raise ValueError("no cases given")
+    # every file is checked before the first view is written; a synthetic image need not look like CT (a poor
+    # generator's output is what the readers judge), a real one must
+    validate_records([c for c in cases if c["truth"] == "real"], allowed_labels=(0, 1, 2))
+    validate_records([c for c in cases if c["truth"] == "synthetic"], check_ct=False, allowed_labels=(0, 1, 2))
     order = np.random.default_rng(seed).permutation(len(cases))
     out = Path(out_dir)
     key = {}

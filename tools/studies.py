@@ -272,6 +272,27 @@ def prepared_split(
     return split_json
 
 
+def check_given_sets(real: Path, synthetic: Mapping[str, Path]) -> None:
+    """Check the ratio study's given sets before any job runs (a bad file would otherwise stop a job half-way and
+    leave its folder behind): every real file as CT with labels 0/1/2, every synthetic file readable with a valid
+    label (not required to look like CT: a poor generator is what the study measures), and a validation section
+    in the real datalist (the 100:0 arms have no real training case to take one from)."""
+    from tools.datasets import validate_records
+    from tools.errors import InputError
+    from tools.splits import load_records
+
+    loaded = load_records(real)
+    if not loaded.sections.get("validation"):
+        raise InputError(
+            real,
+            "has no 'validation' section: the 100:0 arms train on synthetic cases only and need "
+            "real validation cases (`tools data split` writes training / validation / test)",
+        )
+    validate_records(loaded.records(None), allowed_labels=(0, 1, 2))
+    for name, path in synthetic.items():
+        validate_records(load_records(path).records(None), check_ct=False, allowed_labels=(0, 1, 2))
+
+
 def _records(datalist: str | os.PathLike, section: str) -> list[dict]:
     from tools.splits import load_records
 
@@ -606,7 +627,9 @@ class RatioStudy(Study):
             crops = Path(self.options["real"]) if self.options.get("real") else None
             if crops is None:
                 raise ValueError("--synthetic needs --real (the real datalist the synthetic sets were made from)")
-            return {"crops": crops, "synthetic": {k: Path(v) for k, v in synthetic.items()}}
+            sets = {k: Path(v) for k, v in synthetic.items()}
+            check_given_sets(crops, sets)
+            return {"crops": crops, "synthetic": sets}
         return generative_sets(self.root, self.settings, self.options.get("data"))
 
     def arms(self):

@@ -25,6 +25,7 @@ that, so a rerun does not try again, and the case is left out of the datalist.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -215,6 +216,67 @@ def _bundle_overrides(
     return extra
 
 
+def check_sources(
+    root: Path,
+    configs: Sequence[str],
+    overrides: Mapping[str, Any],
+    items: Sequence[Mapping[str, Any]],
+    out: Path,
+    source,
+    seed: int,
+    generator: str,
+) -> None:
+    """Run the bundle's own input checks on every source record before anything is written.
+
+    The checks are the bundle's: its ``check_data`` step when it has one, and the head of its ``preprocessing``
+    up to the last ``ValidateCTd`` (the checks on the paths, ``LoadImaged``, the checks on the voxels), built by
+    ``monai.bundle`` from the same configs and overrides as the run, so they follow the user's settings
+    (``allowed_labels``, ``max_spacing_mm``...). The bundle would refuse the same file, but only when its workflow
+    reaches it: after the output folder and its manifest exist, and, when several workflows run (difftumor, one
+    per item), after the cases before it were written. Raises :class:`InputError` naming the file.
+    """
+    from monai.bundle import ConfigParser
+
+    from tools.bundles import bundle_on_path, config_files
+
+    spec = GENERATORS[root.name]
+    batches = [[it] for it in items] if spec.per_item_workflow else [list(items)]
+    seen: set[str] = set()
+    with bundle_on_path(root):
+        parser = ConfigParser()
+        parser.read_config(config_files(root, configs))
+        for batch in batches:
+            batch = [it for it in batch if it["sample"] == 0]  # the samples of a record read the same files
+            if not batch:
+                continue
+            settings = {**overrides, **_bundle_overrides(root.name, batch, out, None, source, seed, generator)}
+            settings["bundle_root"] = str(root)
+            case_parser = ConfigParser(copy.deepcopy(parser.get()))
+            for key, value in settings.items():
+                case_parser[key] = value
+            if "check_data" in case_parser and str(case_parser["check_data"]) not in seen:
+                seen.add(str(case_parser["check_data"]))
+                case_parser.get_parsed_content("check_data")
+            raw = case_parser["preprocessing#transforms"]
+            validators = [i for i, t in enumerate(raw) if str(t.get("_target_", "")).endswith("ValidateCTd")]
+            if not validators:
+                raise RuntimeError(f"{root.name}: its preprocessing has no ValidateCTd step to check the sources with")
+            # only the head is built: later steps may build networks (difftumor's synthesis transform)
+            checks = [
+                case_parser.get_parsed_content(f"preprocessing#transforms#{i}") for i in range(validators[-1] + 1)
+            ]
+            data_key = "datalist" if "datalist" in settings else "dataset#data"
+            for entry in settings[data_key]:
+                entry = dict(entry)
+                try:
+                    for check in checks:  # called directly: MONAI's Compose would wrap the error in a RuntimeError
+                        entry = check(entry)
+                except ValueError as error:  # the bundle's vendored InputError class: give callers tools' one
+                    if type(error).__name__ != "InputError":
+                        raise
+                    raise InputError(getattr(error, "path", None), getattr(error, "problem", str(error))) from error
+
+
 def _check_manifest(out: Path, manifest: dict) -> None:
     path = out / "synthesize.json"
     if path.is_file():
@@ -324,11 +386,13 @@ def synthesize(
     configs = list(spec.configs) if configs is None else ([configs] if isinstance(configs, str) else list(configs))
     overrides = dict(overrides or {})
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     generator = _generator_name(root, spec, configs, overrides)
     records = _source_records(spec, source, section, max_items)
     items = plan_items(records, samples_per_item, seed)
     rank, world = distributed_context()
+    if rank == 0:  # every source file, before anything is written (the other processes wait for the manifest)
+        check_sources(root, configs, overrides, items, out, source, seed, generator)
+    out.mkdir(parents=True, exist_ok=True)
     manifest = {"bundle": root.name, "generator": generator, "seed": int(seed),
                 "source": str(Path(source).resolve()) if isinstance(source, (str, os.PathLike)) else "<records>",
                 "section": section, "samples_per_item": int(samples_per_item), "configs": configs,
