@@ -43,6 +43,7 @@ import nibabel as nib
 import numpy as np
 
 from tools.bundles import BUNDLES_ROOT, bundle_on_path
+from tools.studies import SCALE_SETTINGS
 
 SHAPE = (24, 24, 12)
 SPACING = (2.0, 2.0, 3.0)
@@ -411,13 +412,7 @@ TINY_LDM_NET = {
     "image_size": [16, 16, 16],
     "crop_mode": "none",
     "pre_resize": None,
-    "autoencoder_def#channels": [8, 8, 8],
-    "autoencoder_def#num_res_blocks": 1,
-    "autoencoder_def#norm_num_groups": 4,
-    "diffusion_def#channels": [8, 8, 16],
-    "diffusion_def#num_head_channels": [0, 8, 8],
-    "diffusion_def#num_res_blocks": 1,
-    "diffusion_def#norm_num_groups": 4,
+    **SCALE_SETTINGS["demo"]["ldm_nets"],  # the studies' demo-size networks
     "conditioning_embedding_channels": [4, 8, 8],
     "num_inference_steps": 2,
 }
