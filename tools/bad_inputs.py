@@ -326,9 +326,9 @@ def _bundle_dataset(bundle: str, configs: Sequence[str], dataset_id: str | Seque
 
 
 def _tools_validate(data: Path, out: Path) -> None:
-    from tools.datasets import read_datalist, validate_records
+    from tools.datasets import LABEL_SET, read_datalist, validate_records
 
-    validate_records(read_datalist(data), allowed_labels=(0, 1, 2))
+    validate_records(read_datalist(data), allowed_labels=LABEL_SET)
 
 
 def _tools_prepare(data: Path, out: Path) -> None:

@@ -42,6 +42,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SECTIONS = ("training", "validation", "test", "testing")
 #: Record fields that hold label maps on the image grid (checked by :func:`validate_records`).
 LABEL_KEYS = ("label", "organs")
+#: The values of a ``label`` map in this collection: background, pancreas, tumor.
+LABEL_SET = (0, 1, 2)
 #: nnU-Net names single-channel images ``<case>_0000.nii.gz`` and their labels ``<case>.nii.gz``.
 NNUNET_CHANNEL_SUFFIX = "_0000"
 

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from tools.datasets import validate_records
+from tools.datasets import LABEL_SET, validate_records
 from tools.io import atomic_path, load_nifti, write_json
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ FEATURE_WINDOW = (-175.0, 250.0)
 #: Maximum body voxels taken per volume for the pooled histograms (a regular subsample beyond that).
 MAX_VALUES_PER_VOLUME = 2_000_000
 LABEL_NAMES = {1: "pancreas", 2: "tumor"}
-SET_LABELS = (0, *LABEL_NAMES)  # the label values a real or synthetic set may hold
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,9 +471,9 @@ def evaluate_synthetic(
         raise ValueError("both the synthetic and the real set need at least one case")
     # every file is checked before anything is written; a synthetic image need not look like CT (a poor generator's
     # output is what is measured), the real and training ones must
-    validate_records(syn_records, check_ct=False, allowed_labels=SET_LABELS)
-    validate_records(real_records, allowed_labels=SET_LABELS)
-    validate_records(training_records, allowed_labels=SET_LABELS)
+    validate_records(syn_records, check_ct=False, allowed_labels=LABEL_SET)
+    validate_records(real_records, allowed_labels=LABEL_SET)
+    validate_records(training_records, allowed_labels=LABEL_SET)
     out.mkdir(parents=True, exist_ok=True)
 
     def read(records):

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from tools.datasets import validate_records
+from tools.datasets import LABEL_SET, validate_records
 from tools.errors import InputError
 from tools.io import atomic_path, write_json
 
@@ -143,8 +143,8 @@ def build_reader_study(
         raise ValueError("no cases given")
     # every file is checked before the first view is written; a synthetic image need not look like CT (a poor
     # generator's output is what the readers judge), a real one must
-    validate_records([c for c in cases if c["truth"] == "real"], allowed_labels=(0, 1, 2))
-    validate_records([c for c in cases if c["truth"] == "synthetic"], check_ct=False, allowed_labels=(0, 1, 2))
+    validate_records([c for c in cases if c["truth"] == "real"], allowed_labels=LABEL_SET)
+    validate_records([c for c in cases if c["truth"] == "synthetic"], check_ct=False, allowed_labels=LABEL_SET)
     order = np.random.default_rng(seed).permutation(len(cases))
     out = Path(out_dir)
     key = {}

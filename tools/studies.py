@@ -277,7 +277,7 @@ def check_given_sets(real: Path, synthetic: Mapping[str, Path]) -> None:
     leave its folder behind): every real file as CT with labels 0/1/2, every synthetic file readable with a valid
     label (not required to look like CT: a poor generator is what the study measures), and a validation section
     in the real datalist (the 100:0 arms have no real training case to take one from)."""
-    from tools.datasets import validate_records
+    from tools.datasets import LABEL_SET, validate_records
     from tools.errors import InputError
     from tools.splits import load_records
 
@@ -288,9 +288,9 @@ def check_given_sets(real: Path, synthetic: Mapping[str, Path]) -> None:
             "has no 'validation' section: the 100:0 arms train on synthetic cases only and need "
             "real validation cases (`tools data split` writes training / validation / test)",
         )
-    validate_records(loaded.records(None), allowed_labels=(0, 1, 2))
+    validate_records(loaded.records(None), allowed_labels=LABEL_SET)
     for name, path in synthetic.items():
-        validate_records(load_records(path).records(None), check_ct=False, allowed_labels=(0, 1, 2))
+        validate_records(load_records(path).records(None), check_ct=False, allowed_labels=LABEL_SET)
 
 
 def _records(datalist: str | os.PathLike, section: str) -> list[dict]:
