@@ -1,7 +1,9 @@
 """Command line of the tools package (Google ``fire``): ``python -m tools <command> [--help]``.
 
 Groups: ``data`` (phantom, DICOM, preparation, splits, tumor statistics, realism), ``check-bundle`` and ``demo``.
-Imports are inside the commands so that ``--help`` answers at once.
+Imports are inside the commands so that ``--help`` answers at once. :func:`main` checks the arguments against the
+command's signature before fire runs it, and writes the help pages from the docstrings (:mod:`tools.cli_args`), so
+every argument needs its text under ``Args:``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import fire
 
@@ -25,6 +28,8 @@ def _tuple(value, n: int | None = None, cast=float):
         if value in ("fit", "scanner"):
             return value
         value = [v.strip() for v in value.split(",") if v.strip()]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]  # fire gives a single number (`--seeds 0`) as that number
     out = tuple(cast(v) for v in value)
     if n is not None and len(out) != n:
         raise ValueError(f"expected {n} values, got {out}")
@@ -40,7 +45,7 @@ class Data:
         n_cases: int = 20,
         seed: int = 0,
         shape=(160, 160, 80),
-        spacing=None,
+        spacing="fit",
         phase: str = "portal_venous",
         tumor_fraction: float = 0.5,
         test_fraction: float = 0.2,
@@ -54,8 +59,8 @@ class Data:
             n_cases: number of patients (phase=both gives two scans each).
             seed: data set seed; same seed and options give byte-identical volumes.
             shape: voxels per case, e.g. 160,160,80 (with spacing=scanner: None derives it from the field of view).
-            spacing: mm as sx,sy,sz; "fit" (default: the field of view covers the body) or "scanner" (0.6-0.9 mm
-                in-plane, 1-5 mm slices).
+            spacing: "fit" (the field of view covers the body), "scanner" (0.6-0.9 mm in-plane, 1-5 mm slices)
+                or mm as sx,sy,sz.
             phase: non_contrast, portal_venous, both (each patient twice) or mixed.
             tumor_fraction: fraction of patients with a pancreatic tumor (the others are healthy).
             test_fraction: fraction of patients put in imagesTs/ (with labelsTs/).
@@ -153,8 +158,8 @@ class Data:
             out: output folder (never the source folder).
             mode: full (body box), semi (largest cube inside the body), pancreas (box around the label),
                 subvolumes (n_slices-slice stacks resized to size, stacks without pancreas dropped), none.
-            spacing: resample to this spacing (mm) first, e.g. 1,1,1.
-            out_shape: resize crops to this shape, e.g. 240,240,155.
+            spacing: resample to this spacing (mm) first, e.g. 1,1,1 (default: keep each scan's spacing).
+            out_shape: resize crops to this shape, e.g. 240,240,155 (default: keep each crop's shape).
             margin_mm: margin around the pancreas box.
             hu_window: lo,hi HU clipped and scaled to [0, 1]; None keeps HU.
             n_slices: slices per sub-volume (seed 000: 4).
@@ -286,7 +291,8 @@ class ReaderStudy:
         Args:
             real: real cases (MSD folder or datalist JSON).
             synthetic: synthetic cases (folder or datalist JSON written by `synthesize`).
-            out: study folder (views/, ratings_template.csv, key.json, INSTRUCTIONS.txt).
+            out: study folder: out/readers/ (views/, ratings_template.csv, INSTRUCTIONS.txt) is what you hand to
+                the readers; out/key.json, the answer, stays beside it.
             n: cases per group (default all).
             seed: shuffling and sampling seed.
             readers: comma-separated reader names for the template.
@@ -309,7 +315,7 @@ class ReaderStudy:
         """Per-reader sensitivity, specificity, accuracy, mean realism, and Cohen's kappa between readers.
 
         Args:
-            study: the study folder made by `reader_study build` (reads its key.json).
+            study: the study folder made by `reader_study build` (the one holding key.json), or its key.json.
             ratings: filled ratings CSV file(s), comma-separated.
         """
         from tools.reader_study import score_reader_study
@@ -355,7 +361,7 @@ class Evaluate:
         seg_ckpt: str | None = None,
         training: str | None = None,
         seg_overrides=None,
-        min_pancreas_ml: float = 1.0,
+        min_pancreas_dice: float = 0.5,
     ):
         """Compare a synthetic set with a real one: HU histogram distance, median HU per label/organ, pancreas
         found by seg_unet3d, 3D Frechet feature distance, sample diversity, memorization.
@@ -371,13 +377,14 @@ class Evaluate:
                 (without it the feature distance uses a fixed random-weight network, with a warning).
             training: the generator's training set: enables the memorization check (vae_ct's near-copy search).
             seg_overrides: seg_unet3d config overrides as a JSON object (network size of a small model...).
-            min_pancreas_ml: predicted pancreas volume for a scan to count as "pancreas found".
+            min_pancreas_dice: Dice between seg_unet3d's pancreas and the synthetic label from which a scan
+                counts as "pancreas found" (read pancreas_dice_to_synthetic_label first).
         """
         from tools.evaluation import evaluate_synthetic
 
         metrics = evaluate_synthetic(
             synthetic, real, out, seg_bundle=seg_bundle, seg_ckpt=seg_ckpt, training=training,
-            seg_overrides=_overrides(seg_overrides), min_pancreas_ml=min_pancreas_ml,
+            seg_overrides=_overrides(seg_overrides), min_pancreas_dice=min_pancreas_dice,
         )  # fmt: skip
         _print_json(metrics)
 
@@ -419,14 +426,16 @@ class Study:
 
         Args:
             out: folder of all studies (this one writes <out>/ratio/).
-            scale: demo, small or paper.
+            scale: demo, small, paper or a JSON file of settings ({"base": "demo", <setting>: <value>, "arms":
+                {"ratio": ["VAE"]}}; tools/studies.py lists the settings).
             seeds: comma-separated seeds per arm (default: the scale's, demo 0,1).
             threads: torch threads per job (keep 1 for tables identical across process counts).
             data: MSD folder to crop instead of the phantom.
             real: with --synthetic: the real datalist the synthetic sets came from, with training, validation
                 (required: the 100:0 arms have no real training case) and test sections, as `data split` writes.
             synthetic: existing synthetic sets, e.g. VAE=runs/syn/vae/datalist.json,DM=runs/syn/dm/datalist.json.
-            generators: arms' generators, comma-separated (default VAE,DM,VAE+DM).
+            generators: arms' generators, comma-separated: VAE, DM, VAE+DM, or the names of --synthetic
+                (default: the scale's arms.ratio, else VAE,DM,VAE+DM).
         """
         gens = None if generators is None else [g for g in _tuple(generators, cast=str)]
         self._run("ratio", out, scale, seeds, threads, data=data, real=real,
@@ -444,12 +453,13 @@ class Study:
 
         Args:
             out: folder of all studies (writes <out>/tumor_size/).
-            scale: demo, small or paper.
-            seeds: comma-separated seeds per arm.
+            scale: demo, small, paper or a JSON file of settings (see `study ratio --help`).
+            seeds: comma-separated seeds per arm (default: the scale's).
             threads: torch threads per job.
             data: MSD folder instead of the phantom.
             family: synthesis family (default: handcrafted at demo scale, difftumor otherwise).
-            sizes: size arms, comma-separated (default tiny,small,medium,large,mixed).
+            sizes: size arms, comma-separated (default: the scale's arms.tumor_size, else
+                tiny,small,medium,large,mixed).
         """
         sizes = None if sizes is None else list(_tuple(sizes, cast=str))
         self._run("tumor_size", out, scale, seeds, threads, data=data, family=family, sizes=sizes)
@@ -463,8 +473,8 @@ class Study:
 
         Args:
             out: folder of all studies (writes <out>/label_noise/).
-            scale: demo, small or paper.
-            seeds: comma-separated seeds per arm.
+            scale: demo, small, paper or a JSON file of settings (see `study ratio --help`).
+            seeds: comma-separated seeds per arm (default: the scale's).
             threads: torch threads per job.
             data: MSD folder instead of the phantom.
         """
@@ -481,8 +491,8 @@ class Study:
 
         Args:
             out: folder of all studies (writes <out>/crop_context/).
-            scale: demo, small or paper.
-            seeds: comma-separated seeds per arm.
+            scale: demo, small, paper or a JSON file of settings (see `study ratio --help`).
+            seeds: comma-separated seeds per arm (default: the scale's).
             threads: torch threads per job.
             data: MSD folder instead of the phantom.
             seg_ckpt: a trained seg_unet3d checkpoint folder for "pancreas found" (optional).
@@ -497,11 +507,12 @@ class Study:
 
         Args:
             out: folder of all studies (writes <out>/tumor_families/).
-            scale: demo, small or paper.
-            seeds: comma-separated seeds per arm.
+            scale: demo, small, paper or a JSON file of settings (see `study ratio --help`).
+            seeds: comma-separated seeds per arm (default: the scale's).
             threads: torch threads per job.
             data: MSD folder instead of the phantom.
-            families: family arms, comma-separated (default difftumor,handcrafted,cellular).
+            families: family arms, comma-separated (default: the scale's arms.tumor_families, else
+                difftumor,handcrafted,cellular).
         """
         families = None if families is None else list(_tuple(families, cast=str))
         self._run("tumor_families", out, scale, seeds, threads, data=data, families=families)
@@ -644,8 +655,8 @@ class Cli:
         check_bundle_cli(bundle_dir, schema=schema, **overrides)
 
     def sync_bundle_scripts(self, bundles_root: str | None = None):
-        """Copy the vendored modules of tools/bundle_scripts (checkpointing, provenance, validation) into every
-        bundle's scripts/.
+        """Copy the vendored modules of tools/bundle_scripts (checkpointing, provenance, validation, config_check)
+        into every bundle's scripts/.
 
         Args:
             bundles_root: folder holding the bundles (default: bundles/ of this repository).
@@ -692,8 +703,18 @@ class Cli:
         run_demo(out, seed=seed, scale=scale, nproc=int(nproc), studies=chosen)
 
 
-def main() -> None:
-    fire.Fire(Cli(), name="python -m tools")
+PROG = "python -m tools"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m tools``: check the arguments against the command's signature (and answer --help) before fire
+    runs the command, so that a misspelled flag or a missing value is refused before anything is written."""
+    from tools.cli_args import prepare
+
+    cli = Cli()
+    command = prepare(cli, sys.argv[1:] if argv is None else argv, PROG)
+    if command is not None:
+        fire.Fire(cli, command=command, name=PROG)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ Studies report what they measure: the arms and seeds are fixed in advance and th
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import math
 import os
@@ -192,24 +193,86 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+#: the names each study's arms may take (ratio: generators, ``VAE+DM`` for a mix of several) and its baseline arm,
+#: which always runs; a scale file's ``arms`` and the command line's lists are checked against them
+ARM_NAMES: dict[str, tuple[str, ...]] = {"ratio": ("VAE", "DM"), "tumor_size": TUMOR_SIZES, "label_noise": NOISE_LEVELS,
+                                         "crop_context": CROP_MODES, "tumor_families": FAMILIES}  # fmt: skip
+BASELINE_ARMS = {"ratio": "real only", "tumor_size": "none", "label_noise": "clean", "tumor_families": "none"}
+
+
+def _near(name: str, known: Sequence[str]) -> str:
+    found = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {found[0]!r}?)" if found else ""
+
+
+def check_arm_names(study: str, names: Any, known: Sequence[str], source: str) -> None:
+    """Refuse (ValueError naming ``source``: a scale file or a flag) arm names that ``study`` does not know; ratio's
+    names are generators joined with ``+``."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise ValueError(f"{source}: expected a non-empty list of {study} arm names, got {names!r}")
+    for name in names:
+        parts = str(name).split("+") if study == "ratio" else [name]
+        for part in parts:
+            if part in known:
+                continue
+            what = {"ratio": "generator", "tumor_families": "family"}.get(study, "arm")
+            baseline = BASELINE_ARMS.get(study)
+            why = f" ({baseline!r} is the baseline arm, which always runs)" if name == baseline else _near(part, known)
+            inside = f" in {name!r}" if part != name else ""
+            raise ValueError(f"{source}: unknown {study} {what} {part!r}{inside}{why}; known: {', '.join(known)}")
+
+
 def scale_settings(scale: str | os.PathLike) -> dict[str, Any]:
     """The settings of a scale: ``demo``, ``small``, ``paper``, or a JSON file ``{"base": "demo", <key>: <value>}``
-    whose top-level keys replace the base scale's (e.g. fewer epochs, other seeds, a subset of ``arms``)."""
+    whose top-level keys replace the base scale's (e.g. fewer epochs, other seeds, a subset of ``arms``).
+
+    A file with an unknown key, base scale, study or arm name is refused with an InputError naming the file, the
+    bad name and the known ones, before anything is made."""
     if str(scale) in SCALE_SETTINGS:
         return deepcopy(SCALE_SETTINGS[str(scale)])
     path = Path(scale)
     if path.suffix == ".json" and path.is_file():
-        custom = json.loads(path.read_text())
+        from tools.errors import InputError
+
+        try:
+            custom = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise InputError(path, f"not a JSON scale file: {error}") from None
+        if not isinstance(custom, dict):
+            raise InputError(path, f"a scale file holds a JSON object of settings, got {type(custom).__name__}")
         base = custom.pop("base", "demo")
+        if str(base) not in SCALE_SETTINGS and not (Path(base).suffix == ".json" and Path(base).is_file()):
+            raise InputError(path, f"unknown base scale {base!r}; known: {', '.join(SCALES)} or a JSON scale file")
         settings = scale_settings(base)
+        known = sorted(set().union(*SCALE_SETTINGS.values()) | {"base", "arms"})
+        for key, value in custom.items():
+            if key not in known:
+                raise InputError(path, f"unknown setting {key!r}{_near(key, known)}; known: {', '.join(known)}")
+            if isinstance(settings.get(key), dict) and not isinstance(value, dict):
+                raise InputError(path, f"setting {key!r} must be a JSON object like the base scale's, got {value!r}")
+        arms = custom.get("arms", {})
+        if not isinstance(arms, dict):
+            raise InputError(path, f"'arms' must map study names to lists of arm names, got {arms!r}")
+        for study, names in arms.items():
+            if study not in ARM_NAMES:
+                raise InputError(path, f"arms: unknown study {study!r}{_near(study, STUDIES)}; known: "
+                                       f"{', '.join(STUDIES)}")  # fmt: skip
+            try:
+                check_arm_names(study, names, ARM_NAMES[study], f"arms.{study}")
+            except ValueError as error:
+                raise InputError(path, str(error)) from None
         settings.update(custom)
         return settings
     raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES} or a JSON file of settings")
 
 
-def _arm_subset(settings: Mapping[str, Any], study: str, given: Sequence[str] | None) -> Sequence[str] | None:
-    """Arms chosen on the command line, else by the scale's ``arms`` (None: all)."""
-    return given or settings.get("arms", {}).get(study)
+def _arm_subset(study: Study, given: Sequence[str] | None, known: Sequence[str], option: str) -> Sequence[str] | None:
+    """Arms chosen on the command line (``--<option>``), else by the scale's ``arms`` (None: all); names the study
+    does not know are refused, naming where they came from."""
+    chosen = given or study.settings.get("arms", {}).get(study.name)
+    if chosen:
+        check_arm_names(study.name, chosen, known, f"--{option}" if given else f"{study.scale}: arms.{study.name}")
+    return chosen
 
 
 def _log(message: str) -> None:
@@ -572,6 +635,7 @@ class Study:
         self.settings = scale_settings(scale)
         self.seeds = list(seeds) if seeds is not None else list(self.settings["seeds"])
         self.options = options
+        self.arms()  # unknown arm names (scale file, --generators, --sizes, --families) are refused here, at start
 
     def prepare(self) -> dict[str, Any]:
         """Shared inputs (data, synthetic sets), made by process 0 before the jobs (others wait for them)."""
@@ -633,7 +697,13 @@ class RatioStudy(Study):
         return generative_sets(self.root, self.settings, self.options.get("data"))
 
     def arms(self):
-        generators = _arm_subset(self.settings, "ratio", self.options.get("generators")) or ["VAE", "DM", "VAE+DM"]
+        synthetic = self.options.get("synthetic")
+        known = tuple(synthetic) if synthetic else ARM_NAMES["ratio"]
+        generators = _arm_subset(self, self.options.get("generators"), known, "generators")
+        if generators is None:
+            generators = ["VAE", "DM", "VAE+DM"]
+            if synthetic:  # the default arms need sets named VAE and DM
+                check_arm_names("ratio", generators, known, "--synthetic without --generators (default VAE,DM,VAE+DM)")
         arms = [("real only", {"generators": [], "ratio": "0:100"})]
         for gen in generators:
             for ratio in RATIOS:
@@ -675,7 +745,10 @@ class TumorSizeStudy(_TumorStudy):
     title = "Synthetic tumor sizes (seed 001 Table 1): tumor DSC and NSD on real tumor test cases"
 
     def arms(self):
-        sizes = _arm_subset(self.settings, "tumor_size", self.options.get("sizes")) or list(TUMOR_SIZES)
+        sizes = _arm_subset(self, self.options.get("sizes"), TUMOR_SIZES, "sizes") or list(TUMOR_SIZES)
+        family = self.options.get("family")
+        check_arm_names("tumor_families", [self.family()], FAMILIES,
+                        "--family" if family else f"{self.scale}: default_family")  # fmt: skip
         return [("none", {"size": None})] + [(size, {"size": size}) for size in sizes]
 
     def run_job(self, job, folder):
@@ -695,7 +768,7 @@ class LabelNoiseStudy(_TumorStudy):
     title = "Noisy tumor labels (seed 001 Tables 2-3): tumor DSC and NSD on clean real test labels"
 
     def arms(self):
-        levels = _arm_subset(self.settings, "label_noise", self.options.get("levels")) or list(NOISE_LEVELS)
+        levels = _arm_subset(self, self.options.get("levels"), NOISE_LEVELS, "levels") or list(NOISE_LEVELS)
         return [("clean", {"level": None})] + [(level, {"level": level}) for level in levels]
 
     def run_job(self, job, folder):
@@ -750,7 +823,7 @@ class TumorFamiliesStudy(_TumorStudy):
     figure_metrics = ("sens_all", "tumor_dice")
 
     def arms(self):
-        families = _arm_subset(self.settings, "tumor_families", self.options.get("families")) or list(FAMILIES)
+        families = _arm_subset(self, self.options.get("families"), FAMILIES, "families") or list(FAMILIES)
         return [("none", {"family": None})] + [(f, {"family": f}) for f in families]
 
     def run_job(self, job, folder):
@@ -777,7 +850,7 @@ class CropContextStudy(Study):
         return {"splits": splits}
 
     def arms(self):
-        modes = _arm_subset(self.settings, "crop_context", self.options.get("modes")) or list(CROP_MODES)
+        modes = _arm_subset(self, self.options.get("modes"), CROP_MODES, "modes") or list(CROP_MODES)
         return [(mode, {"mode": mode}) for mode in modes]
 
     def run_job(self, job, folder):
@@ -1039,27 +1112,27 @@ def _report_generative(report, out: Path) -> None:
                          f"Times: {times} (each step when it ran; `make demo` trains the two bundles in "
                          "parallel).")  # fmt: skip
     rows = []
-    keys = (
+    keys = (  # the Dice to the synthetic label first: does the real-data judge see the pancreas where it should?
+        "pancreas_dice_to_synthetic_label",
+        "pancreas_found_fraction",
         "n_synthetic",
         "hist_wasserstein_hu",
-        "hist_js_bits",
+        "hist_jensen_shannon",
         "frechet_distance",
-        "diversity_ms_ssim_mean",
+        "diversity_mean_ssim",
         "memorization_max_ncc",
-        "memorization_near_copies",
-        "memorization_fraction",
-        "pancreas_found_fraction",
+        "memorization_n_near_copies",
     )
     for path in evaluations:
         name = path.parent.name.replace("evaluation_", "")
         metrics = json.loads(path.read_text())
         flat = flatten_numbers(metrics)
         row = {"generator": name}
-        chosen = [k for k in flat if any(k.startswith(p) for p in keys)] or list(flat)[:8]
+        chosen = [k for k in keys if k in flat] or list(flat)[:8]
         for key in chosen:
             row[key] = flat[key]
         rows.append(row)
-        for figure, caption in (("montage.png", "synthetic (top) and real crops"),
+        for figure, caption in (("montage.png", "synthetic (top row) and real crops, through the tumor or pancreas"),
                                 ("histogram.png", "HU histograms, synthetic vs real")):  # fmt: skip
             if (path.parent / figure).is_file():
                 report.figure(path.parent / figure, f"{name}: {caption}")
@@ -1068,8 +1141,9 @@ def _report_generative(report, out: Path) -> None:
         report.table(
             rows,
             columns,
-            caption="tools.evaluation.evaluate_synthetic of each synthetic set against the "
-            "real crops; memorization = nearest real training case per sample",
+            caption="tools.evaluation.evaluate_synthetic of each synthetic set against the real crops; read "
+            "pancreas_dice_to_synthetic_label first (the real-only model's pancreas against the synthetic label; "
+            "found = that Dice >= 0.5); memorization = nearest real training case per sample",
         )
 
 
