@@ -219,7 +219,7 @@ def test_inference_on_the_real_ct_keeps_shape_and_affine(trained, real_ct_dir, t
             "pixdim": [2.0, 2.5, 4.0],  # anisotropic and unlike the scan's 3 mm: resampling both ways
             "roi_size": [64, 64, 64],  # fewer windows over the 183 x 121 x 90 resampled scan
             "datalist": [str(source), str(lps_path)],
-            "ckpt_path": str(run / "models" / "model.pt"),
+            "ckpt_dir": str(run / "models"),
             "output_dir": str(out),
         },
     )

@@ -208,7 +208,7 @@ def _run_inference(family, trained, masks_dir, out, extra=None):
     overrides = {
         **TINY_NET,
         "dataset_dir": str(masks_dir),
-        "ckpt_path": str(trained[family] / "model.pt"),
+        "ckpt_dir": str(trained[family]),
         "output_dir": str(out),
         "num_samples": 2,
         **(extra or {}),
@@ -469,7 +469,7 @@ def test_3d_crop_config_trains_and_generates(phantom_cases, tmp_path):
         "output_dir": str(tmp_path / "eval"),
     }
     run_workflow(BUNDLE, ["configs/train.json", "configs/train_3d.json"], "train", overrides={**TINY_TRAIN, **tiny_3d})
-    tiny_3d.update({"ckpt_path": str(tmp_path / "models" / "model.pt"), "num_samples": 1, "datalist_key": "test"})
+    tiny_3d.update({"num_samples": 1, "datalist_key": "test"})  # the weights: model.pt of the same ckpt_dir
     run_workflow(BUNDLE, ["configs/inference.json", "configs/inference_3d.json"], "infer", overrides=tiny_3d)
     entries = json.loads((tmp_path / "eval" / "datalist.json").read_text())["training"]
     assert entries

@@ -83,14 +83,21 @@ def run_config(
     run: bool = True,
 ):
     """Build a bundle's ``ConfigWorkflow`` from config files with overrides (values may be Python objects, e.g. a
-    transform), run it and finalize; return the workflow (its parser holds the results)."""
+    transform), run it and finalize; return the workflow (its parser holds the results).
+
+    An override naming no key of the config files is refused before anything runs (``UnknownKeyError`` naming the
+    nearest key), as ``python -m monai.bundle run`` refuses it in the bundle's own ``initialize``.
+    """
     from monai.bundle import ConfigWorkflow
+
+    from tools.bundle_scripts.config_check import check_overrides
 
     root = bundle_dir(bundle)
     files = config_files(root, configs)
     meta = root / "configs" / "metadata.json"
     logging_conf = root / "configs" / "logging.conf"
     with bundle_on_path(root):
+        check_overrides(files, list(overrides or {}))
         workflow = ConfigWorkflow(
             config_file=files,
             meta_file=str(meta),

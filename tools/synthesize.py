@@ -184,7 +184,7 @@ def _bundle_overrides(
                  "provenance": _provenance(it, generator, seed)} for it in items]  # fmt: skip
         extra: dict[str, Any] = {"dataset#data": data, "seed": int(seed), "run": ["$@evaluator.run()"]}
         if ckpt_dir is not None:
-            extra["ckpt_path"] = str(Path(ckpt_dir) / "model.pt")
+            extra["ckpt_dir"] = str(Path(ckpt_dir))
     elif name == "ldm_abdomen":
         data = [{"label": it["record"]["label"], "seed": it["seed"], "name": it["name"],
                  "provenance": _provenance(it, generator, seed)} for it in items]  # fmt: skip

@@ -194,8 +194,12 @@ def _run(bundle_root: Path, config_names: list[str], overrides: Mapping[str, Any
     """Run one of this bundle's workflows through ``monai.bundle`` (initialize, run, finalize)."""
     from monai.bundle import ConfigWorkflow
 
+    from .config_check import check_overrides
+
+    files = [str(bundle_root / "configs" / name) for name in config_names]
+    check_overrides(files, list(overrides))  # a mistyped key of --overrides would otherwise be ignored
     workflow = ConfigWorkflow(
-        config_file=[str(bundle_root / "configs" / name) for name in config_names],
+        config_file=files,
         meta_file=str(bundle_root / "configs" / "metadata.json"),
         logging_file=False,
         workflow_type="train",

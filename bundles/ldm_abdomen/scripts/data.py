@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 from monai.data import load_decathlon_datalist
 
+from .validation import InputError
+
 CROP_MODES = ("full", "semi", "pancreas", "none")
 
 
@@ -47,7 +49,7 @@ def load_datalist(
         if content.get(section):
             items = load_decathlon_datalist(str(path), True, section, base_dir=str(dataset_dir))
             return items if limit is None else items[: int(limit)]
-    raise ValueError(f"{path}: none of the sections {sections} has entries")
+    raise InputError(path, f"no input cases: none of the sections {sections} has entries")
 
 
 def check_prepared(

@@ -13,6 +13,14 @@ offending path. Bundles travel one by one through the model zoo, so every bundle
 file in ``scripts/`` (the source is ``tools/bundle_scripts`` of the collection's repository; a test keeps the
 copies equal, and the collection's ``tools`` readers use the same functions).
 
+Two kinds of volume the collection writes itself are not refused. An organ map (keys :data:`ORGAN_KEYS`) of a crop
+inside the body has no background voxel, so it may be all foreground (a ``label`` of pancreas / tumor may not). A
+volume written by ``tools data prepare --hu_window lo,hi`` is clipped to that HU window and scaled to ``[a, b]``, so
+it has no voxel below -100 HU; its datalist entry says so (``"intensity": "windowed [lo, hi] HU -> [a, b]"``, see
+:func:`intensity_of`), and such a volume is checked to stay inside ``[a, b]`` instead, then mapped back to HU by
+:class:`ValidateCTd` (every bundle pipeline works in HU after this check; values outside the window come back at its
+ends). An MR volume or a normalised volume without that mark is still refused.
+
 Use in a bundle config (before and after loading; the same class checks paths or arrays)::
 
     {"_target_": "scripts.validation.ValidateCTd", "keys": ["image", "label"], "label_keys": ["label"],
@@ -25,8 +33,10 @@ Use in a bundle config (before and after loading; the same class checks paths or
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -49,6 +59,16 @@ HU_VALID_RANGE = (-3100.0, 32767.0)
 #: air at -1000 HU); MR volumes and normalised images ([0, 1], [0, 1000]) have none.
 CT_MUST_REACH_BELOW = -100.0
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: Datalist fields of organ maps (many organ labels on the image grid, ``organsTr/`` of the phantom and of
+#: ``tools data prepare``): a crop inside the body has no background in them. Not difftumor's ``organ``: in its
+#: datalist mode that is the pancreas label, which keeps the label rules.
+ORGAN_KEYS = ("organs",)
+#: Datalist field saying how an image's intensities are stored: absent or :data:`HU_MARK` for Hounsfield units,
+#: else :func:`windowed_mark` (written by ``tools data prepare --hu_window``).
+INTENSITY_KEY = "intensity"
+HU_MARK = "HU"
+_NUMBER = r"(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)"
+_WINDOWED_MARK = re.compile(rf"^windowed \[{_NUMBER}, {_NUMBER}\] HU -> \[{_NUMBER}, {_NUMBER}\]$")
 
 
 class InputError(ValueError):
@@ -298,6 +318,121 @@ def check_ct_intensity(
         )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# intensity marks: volumes written in a HU window
+
+
+def windowed_mark(hu_window: Sequence[float], out_range: Sequence[float] = (0.0, 1.0)) -> str:
+    """The :data:`INTENSITY_KEY` value of a volume clipped to ``hu_window`` and scaled linearly to ``out_range``,
+    e.g. ``"windowed [-175, 250] HU -> [0, 1]"``."""
+    lo, hi = (float(v) for v in hu_window)
+    a, b = (float(v) for v in out_range)
+    return f"windowed [{lo:g}, {hi:g}] HU -> [{a:g}, {b:g}]"
+
+
+def parse_intensity(
+    mark: Any, path: str | os.PathLike | None = None
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """``(hu_window, out_range)`` of a :func:`windowed_mark`; None for Hounsfield units (no mark or ``"HU"``).
+
+    Anything else is refused naming ``path``: a misspelt mark must not pass for HU."""
+    if mark is None or mark == HU_MARK:
+        return None
+    found = _WINDOWED_MARK.match(mark) if isinstance(mark, str) else None
+    if found is None:
+        raise InputError(
+            path,
+            f"unknown {INTENSITY_KEY} mark {mark!r} in its datalist entry: expected {HU_MARK!r} or "
+            f"{windowed_mark((-175, 250))!r} (what `tools data prepare --hu_window` writes)",
+        )
+    lo, hi, a, b = (float(v) for v in found.groups())
+    if not lo < hi or a == b:
+        raise InputError(path, f"{INTENSITY_KEY} mark {mark!r}: the HU window must be increasing, the range not empty")
+    return (lo, hi), (a, b)
+
+
+_DATALIST_MARKS: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+
+def _marks_of_datalist(datalist: str) -> dict[str, Any]:
+    """The :data:`INTENSITY_KEY` of every image a ``dataset.json`` lists (by real path), cached while the file is
+    unchanged. Entries without the key get the folder's ``prep`` record (``tools data prepare``: ``hu_window``,
+    ``out_range``), so a folder prepared before the key existed is still recognised."""
+    stat = os.stat(datalist)
+    cached = _DATALIST_MARKS.get(datalist)
+    if cached is not None and cached[0] == (stat.st_mtime_ns, stat.st_size):
+        return cached[1]
+    try:
+        with open(datalist, encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, ValueError):
+        content = None  # not ours to judge here: the datalist's own reader names that file's problem
+    marks: dict[str, Any] = {}
+    if isinstance(content, Mapping):
+        prep = content.get("prep")
+        default = None
+        if isinstance(prep, Mapping) and prep.get("hu_window") is not None:
+            default = windowed_mark(prep["hu_window"], prep.get("out_range") or (0.0, 1.0))
+        folder = os.path.dirname(datalist)
+        for entries in content.values():
+            if not isinstance(entries, list):
+                continue
+            for entry in entries:
+                if isinstance(entry, str):  # an MSD test list of bare image paths
+                    entry = {"image": entry}
+                if isinstance(entry, Mapping) and isinstance(entry.get("image"), str):
+                    image = os.path.realpath(os.path.join(folder, entry["image"]))
+                    marks[image] = entry.get(INTENSITY_KEY, default)
+    _DATALIST_MARKS[datalist] = ((stat.st_mtime_ns, stat.st_size), marks)
+    return marks
+
+
+def recorded_intensity(path: str | os.PathLike) -> Any:
+    """The intensity mark the data folder records for the image ``path``: the entry naming it in the
+    ``dataset.json`` of its MSD folder (``<folder>/imagesTr/<case>.nii.gz`` -> ``<folder>/dataset.json``), else None.
+
+    This is how a pipeline that scans a folder or drops a record's other keys (seg_unet3d inference, difftumor
+    inference) still knows that ``tools data prepare`` wrote the file in a HU window."""
+    image = os.path.realpath(os.fspath(path))
+    datalist = os.path.join(os.path.dirname(os.path.dirname(image)), "dataset.json")
+    if not os.path.isfile(datalist):
+        return None
+    return _marks_of_datalist(datalist).get(image)
+
+
+def intensity_of(path: str | os.PathLike | None, record: Mapping[Hashable, Any] | None = None) -> Any:
+    """The intensity mark of an image: its record's :data:`INTENSITY_KEY` when the record has one, else
+    :func:`recorded_intensity` (None: Hounsfield units)."""
+    if record is not None and record.get(INTENSITY_KEY) is not None:
+        return record[INTENSITY_KEY]
+    if path is None or not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return None
+    return recorded_intensity(path)
+
+
+def check_windowed_intensity(
+    path: str | os.PathLike | None, array: Any, window: tuple[tuple[float, float], tuple[float, float]]
+) -> None:
+    """Refuse a volume marked windowed whose values leave the range ``[a, b]`` its mark promises."""
+    (lo, hi), (a, b) = window
+    values = np.asarray(array)
+    vmin, vmax = float(values.min()), float(values.max())
+    low, high = min(a, b), max(a, b)
+    slack = 1e-3 * (high - low)  # float32 rounding of the scaling
+    if vmin < low - slack or vmax > high + slack:
+        raise InputError(
+            path,
+            f"intensities [{vmin:g}, {vmax:g}] are outside [{a:g}, {b:g}], the range its datalist mark "
+            f"{windowed_mark((lo, hi), (a, b))!r} promises",
+        )
+
+
+def windowed_to_hu(array: Any, window: tuple[tuple[float, float], tuple[float, float]]) -> Any:
+    """Map a windowed volume back to HU (exact inside the window; what was clipped stays at the window's ends)."""
+    (lo, hi), (a, b) = window
+    return (array - a) * ((hi - lo) / (b - a)) + lo
+
+
 def check_label(
     path: str | os.PathLike | None,
     array: Any,
@@ -343,7 +478,13 @@ class ValidateCTd(MapTransform):
     headers (:func:`check_header`: truncation, dimensionality, spacing, memory guard) and, for each of
     ``label_keys``, the same grid as the first image key. After loading (arrays / MetaTensors): finite voxels,
     Hounsfield units for ``ct_keys`` (default: the keys that are not labels) and :func:`check_label` for
-    ``label_keys``. Errors are :class:`InputError` naming the file. Items pass through unchanged.
+    ``label_keys`` (those also in ``organ_keys`` may be all foreground: an organ map of a crop inside the body).
+    Errors are :class:`InputError` naming the file.
+
+    An image marked as written in a HU window (:func:`intensity_of`: the item's ``intensity_key``, else the entry of
+    its folder's ``dataset.json``) must stay inside the range its mark names instead of looking like HU, and with
+    ``restore_hu`` is mapped back to HU after loading (the transforms after this one expect HU). Everything else
+    passes through unchanged.
     """
 
     def __init__(
@@ -359,6 +500,9 @@ class ValidateCTd(MapTransform):
         forbid_all_foreground: bool = True,
         check_ct: bool = True,
         allow_missing_keys: bool = False,
+        organ_keys: Sequence[Hashable] = ORGAN_KEYS,
+        intensity_key: Hashable | None = INTENSITY_KEY,
+        restore_hu: bool = True,
     ):
         super().__init__(keys, allow_missing_keys)
         self.label_keys = tuple(label_keys or ())
@@ -370,29 +514,51 @@ class ValidateCTd(MapTransform):
         self.require_foreground = require_foreground
         self.forbid_all_foreground = forbid_all_foreground
         self.check_ct = check_ct
+        self.organ_keys = tuple(organ_keys or ())
+        self.intensity_key = intensity_key
+        self.restore_hu = restore_hu
+
+    def _window(self, key: Hashable, path: Any, data: Mapping[Hashable, Any]):
+        """The HU window an image of ``ct_keys`` was written in (None: HU): the item's mark, else its folder's."""
+        if key not in self.ct_keys:
+            return None
+        mark = data.get(self.intensity_key) if self.intensity_key is not None else None
+        if mark is None:
+            mark = intensity_of(path)
+        return parse_intensity(mark, path if path is not None else f"<{key}>")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
         headers: dict[Hashable, tuple] = {}
+        restored: dict[Hashable, Any] = {}
         for key in self.key_iterator(data):
             value = data[key]
             if isinstance(value, (str, os.PathLike)):
                 if self.base_dir is not None:
-                    check_inside(value, self.base_dir)
+                    check_inside(os.path.abspath(value), self.base_dir)  # a loaded path is relative to the cwd
                 headers[key] = check_header(value, self.max_bytes, self.max_spacing_mm)
+                self._window(key, value, data)  # a malformed mark is refused before loading
             else:
-                self._check_voxels(key, value)
+                window = self._check_voxels(key, value, data)
+                if window is not None and self.restore_hu:
+                    restored[key] = windowed_to_hu(value, window)
         images = [k for k in headers if k not in self.label_keys]
         for key in self.label_keys:
             if images and key in headers:
                 check_same_grid(data[images[0]], data[key], *headers[images[0]], *headers[key])
-        return data
+        return {**data, **restored} if restored else data
 
-    def _check_voxels(self, key: Hashable, value: Any) -> None:
+    def _check_voxels(self, key: Hashable, value: Any, data: Mapping[Hashable, Any]):
         path = _source_of(value, f"<{key}>")
         array = _as_numpy(value)
         if key in self.label_keys:
-            check_label(path, array, self.allowed_labels, self.require_foreground, self.forbid_all_foreground)
-            return
+            forbid_all = self.forbid_all_foreground and key not in self.organ_keys
+            check_label(path, array, self.allowed_labels, self.require_foreground, forbid_all)
+            return None
         check_finite(path, array)
+        window = self._window(key, _source_of(value), data)
         if self.check_ct and key in self.ct_keys:
-            check_ct_intensity(path, array)
+            if window is None:
+                check_ct_intensity(path, array)
+            else:
+                check_windowed_intensity(path, array, window)
+        return window
