@@ -464,3 +464,108 @@ def test_transposed_label_gets_a_reorientation_hint(tmp_path):
     with pytest.raises(InputError, match=r"shape \(10, 12, 8\) differs.*same physical grid stored as ARS") as caught:
         validate_records([{"image": str(image), "label": str(tmp_path / "label.nii.gz")}])
     assert str(caught.value).startswith(str(tmp_path / "label.nii.gz"))
+
+
+# ------------------------------------------------------------------ the project's own outputs: organ maps, windows
+
+
+WINDOW = (-175.0, 250.0)
+MARK = "windowed [-175, 250] HU -> [0, 1]"
+
+
+def save_windowed(path: Path, seed: int = 0) -> tuple[Path, np.ndarray]:
+    """What ``data prepare --hu_window -175,250`` writes: the CT of :func:`save_ct` clipped and scaled to [0, 1]."""
+    hu = np.asarray(nib.load(save_ct(path.with_name("hu_" + path.name), seed=seed)).dataobj).astype(np.float32)
+    windowed = (np.clip(hu, *WINDOW) - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
+    return save_nifti(path, windowed.astype(np.float32), AFFINE), hu
+
+
+def test_an_organ_map_may_have_no_background_a_pancreas_label_may_not(tmp_path):
+    image = save_ct(tmp_path / "ct.nii.gz")
+    label = save_label(tmp_path / "label.nii.gz")
+    inside_body = np.full(SHAPE, 5, np.uint8)  # a crop inside the liver: every voxel is organ 5
+    inside_body[:3] = 7
+    organs = save_nifti(tmp_path / "organs.nii.gz", inside_body, AFFINE, intent_label=True)
+    validate_records([{"image": str(image), "label": str(label), "organs": str(organs)}], allowed_labels=(0, 1, 2))
+    all_pancreas = save_nifti(tmp_path / "all_pancreas.nii.gz", np.ones(SHAPE, np.uint8), AFFINE)
+    with pytest.raises(InputError, match="all-foreground label") as caught:
+        validate_records([{"image": str(image), "label": str(all_pancreas), "organs": str(organs)}])
+    assert str(caught.value).startswith(str(all_pancreas))
+    empty = save_nifti(tmp_path / "empty.nii.gz", np.zeros(SHAPE, np.uint8), AFFINE)
+    with pytest.raises(InputError, match="empty label"):
+        validate_records([{"image": str(image), "label": str(empty)}])
+
+
+def test_a_windowed_image_is_accepted_when_marked_and_refused_when_not(tmp_path):
+    windowed, _ = save_windowed(tmp_path / "windowed.nii.gz")
+    label = str(save_label(tmp_path / "label.nii.gz"))
+    marked = {"image": str(windowed), "label": label, "intensity": MARK}
+    assert validate_records([marked], allowed_labels=(0, 1, 2)) == [marked]
+    validate_records([{**marked, "intensity": "HU"}], check_ct=False)  # readable: only the intensity is in question
+    for unmarked in ({"image": str(windowed)}, {"image": str(windowed), "intensity": "HU"}):
+        with pytest.raises(InputError, match="does not look like CT in Hounsfield units") as caught:
+            validate_records([unmarked])
+        assert str(caught.value).startswith(str(windowed))
+    # the mark is a promise checked against the voxels, and a misspelt mark is no mark
+    hu = str(save_ct(tmp_path / "ct.nii.gz"))
+    with pytest.raises(InputError, match=r"outside \[0, 1\], the range its datalist mark"):
+        validate_records([{"image": hu, "intensity": MARK}])
+    with pytest.raises(InputError, match="unknown intensity mark 'windowed -175,250'") as caught:
+        validate_records([{"image": str(windowed), "intensity": "windowed -175,250"}])
+    assert str(caught.value).startswith(str(windowed))
+
+
+def test_mr_and_normalised_volumes_are_still_refused_marked_or_not(tmp_path):
+    rng = np.random.default_rng(0)
+    mr = save_nifti(tmp_path / "mr.nii.gz", rng.integers(0, 900, SHAPE).astype(np.int16), AFFINE)
+    normalised = save_nifti(tmp_path / "z.nii.gz", rng.normal(0, 1, SHAPE).astype(np.float32), AFFINE)
+    for path in (mr, normalised):
+        with pytest.raises(InputError, match="does not look like CT|outside the Hounsfield range"):
+            validate_records([{"image": str(path)}])
+        with pytest.raises(InputError, match=r"outside \[0, 1\]"):
+            validate_records([{"image": str(path), "intensity": MARK}])
+
+
+def test_the_mark_is_found_in_the_prepared_folders_dataset_json(tmp_path):
+    """A reader that lost the record's other keys (a folder scan, a datalist of its own) still finds the mark in the
+    ``dataset.json`` of the file's folder: the entry's ``intensity``, or the folder's ``prep`` record."""
+    from tools.bundle_scripts.validation import intensity_of
+
+    windowed, _ = save_windowed(tmp_path / "prepared" / "imagesTr" / "case.nii.gz")
+    datalist = tmp_path / "prepared" / "dataset.json"
+    datalist.write_text(json.dumps({"training": [{"image": "imagesTr/case.nii.gz", "intensity": MARK}]}))
+    assert intensity_of(windowed) == MARK and intensity_of(windowed, {"intensity": "HU"}) == "HU"
+    validate_records([{"image": str(windowed)}])
+    # a folder prepared before entries carried the mark: its prep record says which window (each rewrite changes
+    # the file's size, so the cache sees it even within one mtime tick)
+    prep_record = {"hu_window": [-175, 250], "out_range": [0, 1]}
+    datalist.write_text(json.dumps({"prep": prep_record, "training": [{"image": "./imagesTr/case.nii.gz"}]}))
+    assert intensity_of(windowed) == MARK
+    datalist.write_text(json.dumps({"prep": {"hu_window": None}, "training": [{"image": "imagesTr/case.nii.gz"}]}))
+    assert intensity_of(windowed) is None
+    with pytest.raises(InputError, match="does not look like CT"):
+        validate_records([{"image": str(windowed)}])
+
+
+def test_load_image_hu_maps_a_windowed_image_back_to_hounsfield_units(tmp_path):
+    from tools.datasets import load_image_hu
+
+    windowed, hu = save_windowed(tmp_path / "windowed.nii.gz")
+    restored, affine = load_image_hu({"image": str(windowed), "intensity": MARK})
+    np.testing.assert_allclose(restored, np.clip(hu, *WINDOW), atol=1e-3)
+    np.testing.assert_allclose(affine, AFFINE)
+    assert restored.dtype == np.float32
+    np.testing.assert_array_equal(load_image_hu(str(tmp_path / "hu_windowed.nii.gz"), check_ct=True)[0], hu)
+    with pytest.raises(InputError, match="does not look like CT"):
+        load_image_hu(str(windowed), check_ct=True)
+
+
+def test_read_datalist_reads_a_synthesize_output_folder_by_its_datalist(tmp_path):
+    image = save_ct(tmp_path / "syn" / "case_s000_image.nii.gz")
+    label = save_label(tmp_path / "syn" / "case_s000_label.nii.gz")
+    (tmp_path / "syn" / "datalist.json").write_text(
+        json.dumps({"synthetic": True, "training": [{"image": image.name, "label": label.name, "synthetic": True}]})
+    )
+    (record,) = read_datalist(tmp_path / "syn")
+    assert record["image"] == str(image) and record["label"] == str(label) and record["synthetic"] is True
+    validate_records([record], allowed_labels=(0, 1, 2))

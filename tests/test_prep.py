@@ -635,3 +635,31 @@ def test_dict_transforms_run_from_a_bundle_config_after_loadimaged(tmp_path):
     np.testing.assert_array_equal(out["label"][0].numpy(), direct.label)
     np.testing.assert_allclose(out["image"][0].numpy(), prep.window_hu(direct.image), atol=1e-5)
     assert out["image"].dtype == torch.float32 and 0.0 <= float(out["image"].min()) <= float(out["image"].max()) <= 1.0
+
+
+def test_prepare_dataset_marks_windowed_outputs_and_the_readers_accept_them(tmp_path):
+    from tools.datasets import read_datalist, validate_records
+
+    src = write_msd(tmp_path / "src", shape=(24, 20, 12))
+    mark = "windowed [-175, 250] HU -> [0, 1]"
+    for _ in range(2):  # the second run reuses every case: the entries keep their mark
+        prep.prepare_dataset(src, tmp_path / "windowed", mode="pancreas", out_shape=(16, 16, 8))
+        entries = json.loads((tmp_path / "windowed" / "dataset.json").read_text())["training"]
+        assert entries and all(entry["intensity"] == mark for entry in entries)
+    validate_records(read_datalist(tmp_path / "windowed"), allowed_labels=(0, 1, 2))
+    prep.prepare_dataset(src, tmp_path / "hu", mode="pancreas", out_shape=(16, 16, 8), hu_window=None)
+    entries = json.loads((tmp_path / "hu" / "dataset.json").read_text())["training"]
+    assert entries and not any("intensity" in entry for entry in entries)
+    # prepare needs HU (its crops find the body by HU): a windowed source is refused by its mark, nothing written
+    with pytest.raises(InputError, match="is stored in a HU window .*windowed \\[-175, 250\\]") as caught:
+        prep.prepare_dataset(tmp_path / "windowed", tmp_path / "again", mode="pancreas", hu_window=None)
+    assert str(caught.value).startswith(str(tmp_path / "windowed" / "imagesTr"))
+    assert not (tmp_path / "again").exists()
+
+
+def test_prepare_dataset_refuses_an_out_shape_whose_voxels_the_readers_would_refuse(tmp_path):
+    src = write_msd(tmp_path / "src", shape=(24, 20, 12))  # 1.5 x 1.5 x 2.5 mm: 30 mm of body in one slice
+    with pytest.raises(InputError, match=r"voxels of \[.*\] mm, more than the 20 mm every reader") as caught:
+        prep.prepare_dataset(src, tmp_path / "out", mode="full", out_shape=(8, 8, 1))
+    assert str(caught.value).startswith(str(src / "imagesTr"))
+    assert not (tmp_path / "out").exists()

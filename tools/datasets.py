@@ -28,7 +28,14 @@ from typing import Any, Iterable, Sequence
 import nibabel as nib
 import numpy as np
 
-from tools.bundle_scripts.validation import check_label
+from tools.bundle_scripts.validation import (
+    ORGAN_KEYS,
+    check_label,
+    check_windowed_intensity,
+    intensity_of,
+    parse_intensity,
+    windowed_to_hu,
+)
 from tools.dicom import convert_dicom_series, list_series, looks_like_dicom, read_dicom_series
 from tools.errors import InputError
 from tools.io import check_ct_intensity, check_pair, load_ct, load_label, load_nifti, write_json
@@ -44,6 +51,8 @@ SECTIONS = ("training", "validation", "test", "testing")
 LABEL_KEYS = ("label", "organs")
 #: The values of a ``label`` map in this collection: background, pancreas, tumor.
 LABEL_SET = (0, 1, 2)
+#: The datalist ``tools synthesize`` writes into its output folder, next to the cases.
+SYNTHETIC_DATALIST = "datalist.json"
 #: nnU-Net names single-channel images ``<case>_0000.nii.gz`` and their labels ``<case>.nii.gz``.
 NNUNET_CHANNEL_SUFFIX = "_0000"
 
@@ -375,6 +384,7 @@ def read_datalist(path_or_dir: str | os.PathLike, **options) -> list[dict]:
       MONAI datalist;
     * a folder with ``dataset.json``: an MSD task (an nnU-Net v2 ``dataset.json`` without file lists falls back to
       pairing ``imagesTr`` / ``labelsTr`` and ``imagesTs`` by name);
+    * a folder with ``datalist.json`` (written by ``tools synthesize``, images and labels side by side): that list;
     * a folder with ``images/`` (+ ``labels/``) or NIfTI files: a NIfTI folder;
     * a folder tree with DICOM files: a DICOM folder.
 
@@ -392,6 +402,8 @@ def read_datalist(path_or_dir: str | os.PathLike, **options) -> list[dict]:
         raise InputError(path, "not found")
     if (path / "dataset.json").is_file():
         return _read_task_folder(path, _load_json(path / "dataset.json"), **options)
+    if (path / SYNTHETIC_DATALIST).is_file():  # a folder written by `tools synthesize`: its cases are image + label
+        return read_monai_datalist(path / SYNTHETIC_DATALIST, **options)
     if (path / "images").is_dir():
         labels = path / "labels"
         return read_nifti_folder(path / "images", label_dir=labels if labels.is_dir() else None, **options)
@@ -426,10 +438,12 @@ def validate_records(
     """Open every image (and label map) and raise :class:`InputError` for the first one that cannot be used.
 
     Each image must read cleanly (not truncated, finite, 3D, sane spacing) and, with ``check_ct``, look like CT in
-    Hounsfield units; each field of ``label_keys`` present must be an integer label map on the image's grid with
-    some background, ``label`` must have some foreground and only use ``allowed_labels`` when given. A DICOM
-    series folder is read with its geometry checks. Volumes are opened one at a time, so memory stays at one case.
-    Returns ``records`` unchanged.
+    Hounsfield units; an image marked as written in a HU window (``intensity``, see
+    :func:`tools.bundle_scripts.validation.intensity_of`) must instead stay inside the range its mark names. Each
+    field of ``label_keys`` present must be an integer label map on the image's grid; ``label`` must have some
+    foreground and some background and only use ``allowed_labels`` when given, while an organ map (``organs``) may
+    be all foreground (a crop inside the body). A DICOM series folder is read with its geometry checks. Volumes are
+    opened one at a time, so memory stays at one case. Returns ``records`` unchanged.
     """
     allowed = tuple(allowed_labels) if allowed_labels is not None else None
     for index, record in enumerate(records):
@@ -438,10 +452,14 @@ def validate_records(
         image_path = record["image"]
         if not isinstance(image_path, (str, os.PathLike)):
             raise InputError(None, f"record {index}: 'image' must be one path (single-channel CT), got {image_path!r}")
+        window = None if os.path.isdir(image_path) else parse_intensity(intensity_of(image_path, record), image_path)
         if os.path.isdir(image_path):
             image, affine, _ = read_dicom_series(image_path, record.get("series_uid"))
             if check_ct:
                 check_ct_intensity(image_path, image)
+        elif window is not None:
+            image, affine = load_nifti(image_path)
+            check_windowed_intensity(image_path, image, window)
         elif check_ct:
             image, affine = load_ct(image_path)
         else:
@@ -452,8 +470,11 @@ def validate_records(
             if record.get(key) is None:
                 continue
             label, label_affine = load_label(record[key], allowed if key == "label" else None)
-            # an empty segmentation (no pancreas) or one without background is a broken label
-            check_label(record[key], label, require_foreground=key == "label", forbid_all_foreground=True)
+            # an empty segmentation (no pancreas) or one without background is a broken label; an organ map of a
+            # crop inside the body has no background
+            check_label(
+                record[key], label, require_foreground=key == "label", forbid_all_foreground=key not in ORGAN_KEYS
+            )
             try:
                 check_pair(image_path, record[key], shape, affine, label.shape, label_affine)
             except InputError as err:
@@ -463,6 +484,21 @@ def validate_records(
                 raise
         logger.debug("checked %s (%s)", record.get("case", image_path), "x".join(map(str, shape)))
     return records
+
+
+def load_image_hu(record: dict | str | os.PathLike, check_ct: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The image of a record (or a path) in Hounsfield units as float32, with its affine.
+
+    An image marked as written in a HU window is checked against its mark and mapped back to HU (exact inside the
+    window, clipped outside), so that readers measuring HU compare windowed and HU sets alike; ``check_ct`` refuses
+    an unmarked image that does not look like CT (:func:`tools.io.load_ct`)."""
+    path = record["image"] if isinstance(record, dict) else record
+    window = parse_intensity(intensity_of(path, record if isinstance(record, dict) else None), path)
+    if window is None:
+        return load_ct(path) if check_ct else load_nifti(path, dtype=np.float32)
+    image, affine = load_nifti(path, dtype=np.float32)
+    check_windowed_intensity(path, image, window)
+    return windowed_to_hu(image, window).astype(np.float32, copy=False), affine
 
 
 def _reorientation_hint(image_shape, image_affine, label_shape, label_affine, atol_mm: float = 1e-3) -> str | None:

@@ -41,7 +41,14 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
-from tools.bundle_scripts.validation import check_label
+from tools.bundle_scripts.validation import (
+    INTENSITY_KEY,
+    MAX_SPACING_MM,
+    check_label,
+    intensity_of,
+    parse_intensity,
+    windowed_mark,
+)
 from tools.errors import InputError
 from tools.io import check_pair, file_sha256, load_ct, load_label, save_nifti, voxel_spacing, write_json
 from tools.splits import load_records
@@ -913,8 +920,9 @@ def _sources_digest(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-#: Record keys not copied from a source record to its outputs' entries (paths are new; ``case`` names the output).
-_NOT_CARRIED = ("image", "label", "organs", "case", "section")
+#: Record keys not copied from a source record to its outputs' entries (paths are new; ``case`` names the output;
+#: the outputs' intensity mark is this run's window).
+_NOT_CARRIED = ("image", "label", "organs", "case", "section", INTENSITY_KEY)
 SECTION_FOLDERS = {"training": "Tr", "validation": "Va", "test": "Ts", "testing": "Ts"}
 
 
@@ -933,6 +941,13 @@ def _process_record(
     """Make and write the outputs of one source record; return their datalist entries (paths relative)."""
     image_path, label_path, organs_path = record["image"], record.get("label"), record.get("organs")
     inputs = tuple(p for p in (image_path, label_path, organs_path) if p)
+    mark = intensity_of(image_path, record)
+    if parse_intensity(mark, image_path) is not None:
+        raise InputError(
+            image_path,
+            f"is stored in a HU window ({INTENSITY_KEY} {mark!r} in its datalist), not in HU: prepare needs scans in "
+            "HU (its crops find the body by HU); run prepare on the HU source of this set instead",
+        )
     ct, label, affine = _read_case(image_path, label_path, allowed)
     organs = _read_organs(organs_path, image_path, ct.shape, affine)
     if label is None and mode in ("pancreas", "subvolumes"):
@@ -978,6 +993,15 @@ def _process_record(
         box_info = {"scan": case, "crop_box": [list(b) for b in result.box]}
         pieces.append((case, result.image, result.label, result.organs, result.affine, box_info))
 
+    for name, image, _, _, aff, _ in pieces:  # before anything is written: outputs every reader accepts
+        spacing = voxel_spacing(aff)
+        if spacing.max() > MAX_SPACING_MM:
+            raise InputError(
+                image_path,
+                f"its {mode} output {name} of shape {tuple(image.shape)} would have voxels of "
+                f"{np.round(spacing, 2).tolist()} mm, more than the {MAX_SPACING_MM:g} mm every reader of this "
+                "collection accepts (they refuse such a header as broken): choose a larger out_shape / size",
+            )
     entries = []
     for name, image, lab, org, aff, info in pieces:
         entry: dict[str, Any] = {"image": f"images{suffix}/{name}.nii.gz"}
@@ -1024,7 +1048,8 @@ def prepare_dataset(
     listed in ``no_label``. Each case is oriented RAS and, with ``spacing``, resampled (:func:`standardize`);
     then cropped (``mode`` in ``full``/``semi``/``pancreas``, :func:`crop`, ``out_shape`` e.g.
     ``(240, 240, 155)``), cut into seed 000 sub-volumes (``subvolumes``, ``n_slices`` x ``size``) or kept whole
-    (``none``); finally the image gets the HU window (None: stay in HU). Outputs go to ``images<Tr|Ts|Va>/``,
+    (``none``); finally the image gets the HU window (None: stay in HU; with a window every entry is marked
+    ``"intensity": "windowed [lo, hi] HU -> [a, b]"``, which the readers honour). Outputs go to ``images<Tr|Ts|Va>/``,
     ``labels..``, ``organs..`` (the source's NIfTI description, e.g. ``SYNTHETIC ...``, is kept) and the datalist
     ``out_dir/<datalist_name>`` with relative paths and the source datalist's other keys (``labels``,
     ``organ_labels``...). Every entry keeps the source record's extra keys (``patient`` defaults to the case
@@ -1075,6 +1100,9 @@ def prepare_dataset(
     datalist.setdefault("name", "prepared")
     datalist["description"] = f"tools.prep mode={mode} of: {loaded.extras.get('description', loaded.source)}"
     datalist["prep"] = {**params, "source": None if loaded.source is None else str(loaded.source)}
+    # each entry says how its image is stored, so every reader (tools, the bundles' ValidateCTd) accepts a windowed
+    # image as such instead of refusing it as "not CT"; mixes and splits copy the entry with its mark
+    marked = {} if hu_window is None else {INTENSITY_KEY: windowed_mark(params["hu_window"], params["out_range"])}
     chosen = list(loaded.sections) if sections is None else list(sections)
     for section in chosen:
         records = loaded.records(section)
@@ -1111,7 +1139,7 @@ def prepare_dataset(
                 report["made"].append(case)
             if not entries:
                 report["empty"].append(case)
-            out_entries.extend(entries)
+            out_entries.extend({**entry, **marked} for entry in entries)
         datalist[section] = out_entries
     datalist_path = out_dir / datalist_name
     write_json(datalist_path, datalist, inputs=(loaded.source,) if loaded.source is not None else ())
