@@ -1,4 +1,6 @@
-"""`tools evaluate` (issue 7): Fréchet distance, synthetic-set metrics with hand-checkable cases, seg wrapper, CLI."""
+"""`tools evaluate` (issue 7): Fréchet distance, synthetic-set metrics with hand-checkable cases, seg wrapper, CLI;
+(issue 13) the pancreas "found" check tells pure noise from real crops, and the montage names, windows, orients and
+outlines each case through its tumor."""
 
 from __future__ import annotations
 
@@ -10,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from tools.evaluation import evaluate_segmentation, evaluate_synthetic, frechet_distance, sample_diversity
+from tools.evaluation import (
+    evaluate_segmentation,
+    evaluate_synthetic,
+    frechet_distance,
+    pancreas_found,
+    sample_diversity,
+)
+from tools.io import load_nifti, save_nifti
 
 REPO = Path(__file__).resolve().parents[1]
 SEG_TINY = {"pixdim": [6.0, 6.0, 6.0], "roi_size": [32, 32, 32], "network_def#channels": [4, 8, 16, 32, 64],
@@ -133,9 +142,134 @@ def test_seg_weights_give_the_pancreas_check_and_trained_features(records, seg_w
     assert metrics["frechet_distance"] < 1e-6
     assert 0.0 <= metrics["pancreas_found_fraction"] <= 1.0
     assert 0.0 <= metrics["pancreas_dice_to_synthetic_label"] <= 1.0
+    assert metrics["pancreas_n_judged"] == len(training) and metrics["pancreas_found_min_dice"] == 0.5
     predictions = sorted((tmp_path / "seg" / "seg_predictions").glob("*_seg.nii.gz"))
     assert len(predictions) == len(training)
     assert nib.load(predictions[0]).shape == nib.load(training[0]["image"]).shape
+
+
+def test_pancreas_found_by_hand():
+    label = np.zeros((4, 4, 4), dtype=np.int16)
+    label[:2] = 1  # 32 voxels of pancreas
+    label[0, 0, 0] = 2  # a tumor voxel counts as pancreas too
+    half = np.zeros_like(label)
+    half[:1] = 1  # 16 of the 32: Dice 2 * 16 / 48 = 2/3
+    elsewhere = np.zeros_like(label)
+    elsewhere[2:] = 1  # as much pancreas, none of it on the label: Dice 0
+    result = pancreas_found([label, half, elsewhere, half], [label, label, label, None], min_dice=0.6)
+    assert result["pancreas_n_judged"] == 3, "a scan without a label is not judged"
+    assert result["pancreas_dice_to_synthetic_label"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert result["pancreas_found_fraction"] == pytest.approx(2 / 3)
+    empty = np.zeros_like(label)
+    assert pancreas_found([empty], [empty])["pancreas_dice_to_synthetic_label"] == 1.0
+    assert pancreas_found([label], [None])["pancreas_found_fraction"] is None
+
+
+@pytest.fixture(scope="module")
+def crops(phantom, tmp_path_factory) -> list[dict]:
+    """Pancreas crops of the phantom with their organ maps (what the demo's generators learn from), HU kept."""
+    from tools.prep import prepare_dataset
+    from tools.splits import load_records
+
+    out = tmp_path_factory.mktemp("eval_crops")
+    prepare_dataset(phantom, out, mode="pancreas", out_shape=(24, 24, 16), margin_mm=10.0, hu_window=None)
+    return load_records(out).records(None)
+
+
+class StandInJudge:
+    """A deterministic stand-in for seg_unet3d trained on the real crops: an image it learned (normalised cross-
+    correlation >= 0.9 with one of them) gets that crop's pancreas, any other image what an untrained network paints,
+    the voxels in the pancreas's HU range (in noise, many millilitres of false pancreas scattered everywhere)."""
+
+    def __init__(self, records: list[dict]):
+        self.known = [(load_nifti(r["image"])[0], load_nifti(r["label"])[0]) for r in records]
+        pancreas_hu = np.concatenate([image[label > 0] for image, label in self.known])
+        self.band = np.percentile(pancreas_hu, [10, 90])
+
+    def __call__(self, image_path: str) -> np.ndarray:
+        image = load_nifti(image_path)[0]
+        for known, label in self.known:
+            if known.shape == image.shape and np.corrcoef(known.ravel(), image.ravel())[0, 1] >= 0.9:
+                return (label > 0).astype(np.uint8)
+        return ((image >= self.band[0]) & (image <= self.band[1])).astype(np.uint8)
+
+
+def test_pancreas_found_tells_pure_noise_from_real_crops(crops, seg_weights, tmp_path, monkeypatch):
+    from tools import evaluation
+    from tools.io import voxel_spacing
+
+    judge = StandInJudge(crops)
+    monkeypatch.setattr(evaluation, "predict_pancreas", lambda records, *_: [judge(r["image"]) for r in records])
+    # the feature distance is not under test here: the cheap random-weight network instead of the seg bottleneck
+    monkeypatch.setattr(evaluation, "feature_extractor", lambda *_: (evaluation.RandomFeatureNet(), "random"))
+    rng = np.random.default_rng(0)
+    noise = []  # what a broken generator makes from the real masks: pure noise around 40 HU, the crops' labels
+    for r in crops:
+        image, affine = load_nifti(r["image"])
+        path = tmp_path / "noise" / Path(r["image"]).name
+        save_nifti(path, rng.normal(40.0, 300.0, image.shape).astype(np.int16), affine)
+        noise.append({**r, "image": str(path)})
+    settings = {"seg_ckpt": seg_weights, "seg_overrides": SEG_TINY, "figures": False}
+    real = evaluate_synthetic(crops, crops, tmp_path / "real", **settings)
+    pure_noise = evaluate_synthetic(noise, crops, tmp_path / "noise_eval", **settings)
+    assert real["pancreas_found_fraction"] >= 0.8 and real["pancreas_dice_to_synthetic_label"] >= 0.8
+    assert pure_noise["pancreas_found_fraction"] <= 0.1
+    assert pure_noise["pancreas_dice_to_synthetic_label"] < 0.2
+    # the old rule (at least 1 ml of predicted pancreas) called every noise scan "found"
+    volumes_ml = [judge(r["image"]).sum() * np.prod(voxel_spacing(load_nifti(r["image"])[1])) / 1000 for r in noise]
+    assert min(volumes_ml) >= 1.0
+
+
+def test_focus_slices_take_the_tumor_s_largest_cross_section_else_the_pancreas_s():
+    from tools.figures import focus_slices
+
+    label = np.zeros((10, 12, 8), dtype=np.int16)
+    label[2:8, 3:9, 1:7] = 1  # pancreas, centre (4.5, 5.5, 3.5)
+    label[6, 4, 5] = 2  # a one-voxel tumor
+    label[7, 4:6, 5] = 2  # its larger part: the largest cross-sections are i=7, j=4, k=5
+    assert focus_slices(label, label.shape) == (7, 4, 5)
+    healthy = np.where(label == 2, 1, label)
+    healthy[3, 3:9, 1:7] = 0  # less pancreas in sagittal slice 3, the others equal: the first largest wins
+    assert focus_slices(healthy, label.shape) == (2, 3, 1)
+    assert focus_slices(None, label.shape) == (5, 6, 4)
+    assert focus_slices(np.zeros_like(label), label.shape) == (5, 6, 4)
+
+
+def test_montage_names_cases_window_orientation_and_outlines_the_tumor_slice(crops, tmp_path, monkeypatch):
+    import matplotlib.colors
+
+    import tools.figures
+    from tools.figures import to_ras
+
+    figures = []
+    original = tools.figures.save_figure
+    monkeypatch.setattr(
+        tools.figures, "save_figure", lambda fig, path, **kw: figures.append(fig) or original(fig, path)
+    )
+    healthy_first = sorted(crops, key=lambda r: r["has_tumor"])
+    evaluate_synthetic(healthy_first, crops, tmp_path / "eval")
+    assert (tmp_path / "eval" / "montage.png").is_file() and (tmp_path / "eval" / "histogram.png").is_file()
+    montage = figures[0]
+    panels = [ax for ax in montage.axes if ax.images]
+    assert len(panels) == 2 * min(4, len(crops))
+    by_case = {}
+    for ax in panels:
+        title = ax.get_title()
+        assert "W400 L40" in title and "axial" in title
+        assert {t.get_text() for t in ax.texts} == {"R", "L", "A", "P"}
+        by_case.setdefault(title.split(": ")[1].split("\n")[0], []).append(ax)
+    tumor_cases = [r for r in crops if r["has_tumor"]]
+    assert tumor_cases and [ax.get_title().split("\n")[0] for ax in panels[: len(tumor_cases)]] == [
+        f"synthetic: {r['case']}" for r in tumor_cases
+    ], "cases with a tumor come first"
+    for record in tumor_cases:
+        label, affine = load_nifti(record["label"])
+        ras = to_ras(label, affine)[0]
+        k = int(np.argmax((ras == 2).sum(axis=(0, 1))))
+        for ax in by_case[record["case"]]:  # its synthetic and its real panel
+            assert f"axial {k + 1}/{ras.shape[2]}, tumor" in ax.get_title()
+            colours = {matplotlib.colors.to_hex(c) for col in ax.collections for c in col.get_edgecolor()}
+            assert {"#ffff00", "#ff0000"} <= colours, "pancreas yellow and tumor red outlines"
 
 
 @pytest.mark.slow

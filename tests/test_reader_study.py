@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,11 +90,20 @@ def _fill(study_dir, rows, path):
 def test_build_is_blinded_and_scoring_matches_hand_values(study, tmp_path):
     out, summary = study
     assert summary["n_cases"] == 6 and summary["n_real"] == 3
-    views = sorted(p.name for p in (out / "views").glob("*.png"))
+    hand_out = out / "readers"
+    assert summary["hand_out"] == str(hand_out) and summary["key"] == str(out / "key.json")
+    views = sorted(p.name for p in (hand_out / "views").glob("*.png"))
     assert views == [f"case_{i:03d}.png" for i in range(1, 7)], "readers see anonymous names only"
-    template = list(csv.DictReader(open(out / "ratings_template.csv")))
+    template = list(csv.DictReader(open(hand_out / "ratings_template.csv")))
     assert len(template) == 12 and {r["reader"] for r in template} == {"ann", "bob"}
+    # the key lies beside the readers' folder, and nothing handed out names a source file or a truth
+    assert (out / "key.json").is_file()
+    handed = sorted(p.relative_to(hand_out).as_posix() for p in hand_out.rglob("*") if p.is_file())
+    assert handed == ["INSTRUCTIONS.txt", "ratings_template.csv", *[f"views/{v}" for v in views]]
     key = json.loads((out / "key.json").read_text())["cases"]
+    for name in ("INSTRUCTIONS.txt", "ratings_template.csv"):
+        text = (hand_out / name).read_text()
+        assert "key.json" not in text and not any(Path(e["image"]).stem.split(".")[0] in text for e in key.values())
     truths = [key[c]["truth"] for c in sorted(key)]
     assert truths != [R, R, R, S, S, S], "cases are shuffled, not listed real first"
 
@@ -102,6 +112,7 @@ def test_build_is_blinded_and_scoring_matches_hand_values(study, tmp_path):
         rows.append(["ann", case_id, entry["truth"], 4 if entry["truth"] == R else 2])  # a perfect reader
         rows.append(["bob", case_id, R, 3])  # calls everything real, same realism for all
     scores = score_reader_study(out, _fill(out, rows, tmp_path / "ratings.csv"))
+    assert score_reader_study(out / "key.json", tmp_path / "ratings.csv") == scores, "the key file itself works too"
     ann, bob = scores["readers"]["ann"], scores["readers"]["bob"]
     assert (ann["sensitivity"], ann["specificity"], ann["accuracy"]) == (1.0, 1.0, 1.0)
     assert (bob["sensitivity"], bob["specificity"], bob["accuracy"]) == (0.0, 1.0, 0.5)
@@ -125,3 +136,13 @@ def test_bad_ratings_name_the_file_and_line(study, tmp_path):
         with pytest.raises(InputError, match=message) as error:
             score_reader_study(out, path)
         assert "bad.csv" in str(error.value) and "line" in str(error.value)
+
+
+def test_scoring_the_readers_folder_says_where_the_key_is(study, tmp_path):
+    out, _ = study
+    ratings = _fill(out, [], tmp_path / "ratings.csv")
+    with pytest.raises(InputError, match="readers' folder: give the study folder above it") as error:
+        score_reader_study(out / "readers", ratings)
+    assert str(out / "readers") in str(error.value)
+    with pytest.raises(InputError, match="no key.json found"):
+        score_reader_study(tmp_path / "elsewhere", ratings)

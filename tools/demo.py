@@ -8,14 +8,15 @@
 3. the ratio study (seed 000 Table 1: real only vs VAE / DM / VAE+DM at 100:0, 50:50, 25:75) with seg_unet3d,
    2 seeds per arm, 2 processes of one thread each (:mod:`tools.study_runner`);
 4. the synthetic sets measured against the real crops (``tools.evaluation.evaluate_synthetic``: HU histograms,
-   feature distance, diversity, memorization against the generators' training set);
+   feature distance, the real-only model's pancreas against the synthetic labels, diversity, memorization against
+   the generators' training set, montages);
 5. a tumor-size study (seed 001 Table 1: none vs tiny / small / medium / large / mixed hand-crafted tumors inserted
    online), 2 seeds per arm, 2 processes;
 6. the report (``report.md`` / ``report.html``) from everything above.
 
 Every stage reuses what an earlier run made (finished jobs, trained weights, synthetic cases), so a second run only
 rewrites the tables and the report. Workers' logs go to ``<out>/logs/``; the console shows one line per finished
-job.
+job. A stage that fails stops the demo with its error and the path of its log (:func:`run_demo`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Sequence
 
-from tools.figures import save_figure, show_views
+from tools.figures import outline_legend, save_figure, show_views, window_name
 from tools.io import load_label, load_nifti
 
 DEFAULT_SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -37,22 +39,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def phantom_montage(dataset_dir: str | os.PathLike, out_png: str | os.PathLike, max_cases: int = 12) -> Path:
-    """PNG with one row per case: axial, coronal and sagittal through the pancreas, pancreas (yellow) and tumor
-    (red) outlined, soft-tissue window."""
+    """PNG with one row per case: axial, coronal and sagittal views through the tumor's largest cross-section (the
+    pancreas's in a healthy case), pancreas (yellow) and tumor (red) outlined, the case's name, phase and window,
+    the patient's directions on the image edges."""
     import matplotlib.pyplot as plt
 
     dataset_dir = Path(dataset_dir)
     meta = json.loads((dataset_dir / "dataset.json").read_text())
     entries = (meta["training"] + meta["test"])[:max_cases]
-    fig, axes = plt.subplots(len(entries), 3, figsize=(10, 2.7 * len(entries)), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(entries), 3, figsize=(10, 2.9 * len(entries) + 0.6), squeeze=False,
+                             layout="constrained")  # fmt: skip
     for row, entry in zip(axes, entries):
         ct, affine = load_nifti(dataset_dir / entry["image"])
         label, _ = load_label(dataset_dir / entry["label"])
         tumor = "tumor" if entry["has_tumor"] else "healthy"
         name = Path(entry["image"]).name.replace(".nii.gz", "")
-        phase = {"portal_venous": "PV", "non_contrast": "NC"}.get(entry["phase"], entry["phase"])
-        show_views(row, ct, affine, focus=label, contour=label, title=f"{name} {phase} {tumor}")
-    fig.suptitle("SYNTHETIC phantom cases (not patient data); window W400 L40", fontsize=11)
+        phase = {"portal_venous": "portal venous", "non_contrast": "non-contrast"}.get(entry["phase"], entry["phase"])
+        show_views(row, ct, affine, focus=label, contour=label, title=f"{name}, {phase}, {tumor}")
+    fig.suptitle(f"SYNTHETIC phantom cases (not patient data), window {window_name()}; views through the tumor's "
+                 "largest cross-section, or the pancreas's in healthy cases", fontsize=10)  # fmt: skip
+    outline_legend(fig, loc="outside lower center", ncol=2)
     return save_figure(fig, out_png, dpi=80)
 
 
@@ -143,6 +149,14 @@ def run_study_processes(name: str, out: Path, scale: str, nproc: int, extra: Seq
 # the chain
 
 
+class DemoStageError(RuntimeError):
+    """A stage of the demo failed; the message names the stage, the error and the log with the details."""
+
+    def __init__(self, stage: str, error: BaseException, log: Path):
+        self.stage, self.error, self.log = stage, error, log
+        super().__init__(f"demo stage {stage!r} failed: {type(error).__name__}: {error}\n  log: {log}")
+
+
 def run_demo(
     out: str | os.PathLike = "runs/demo",
     seed: int = 0,
@@ -151,7 +165,13 @@ def run_demo(
     nproc: int = 2,
     studies: Sequence[str] = ("ratio", "tumor_size"),
 ) -> dict:
-    """Run the demo chain into ``out`` and return a summary of what was made (also ``<out>/demo_summary.json``)."""
+    """Run the demo chain into ``out`` and return a summary of what was made (also ``<out>/demo_summary.json``).
+
+    A failing stage stops the demo: its traceback goes to ``<out>/logs/stage_<name>.log`` (a failing worker's own
+    log is named in it), the error and that path are printed, ``demo_summary.json`` records them under ``error``,
+    and :class:`DemoStageError` is raised (``python -m tools demo`` exits non-zero).
+    """
+    from tools.io import write_json
     from tools.studies import phantom_data, prepared_split, scale_settings, write_report
 
     out = Path(out).resolve()
@@ -159,38 +179,56 @@ def run_demo(
     shared = Path(shared_dir) if shared_dir else DEFAULT_SHARED
     summary: dict = {"scale": scale, "stages": {}}
     previous = out / "demo_summary.json"
-    if previous.is_file():  # keep the times of the run that made the results
+    if previous.is_file():  # keep the times of the run that made the results (a failed run made none)
         earlier = json.loads(previous.read_text())
-        summary["first_run"] = earlier.get("first_run") or {k: earlier.get(k) for k in ("stages", "seconds")}
+        first = earlier.get("first_run") or (
+            None if "error" in earlier else {k: earlier.get(k) for k in ("stages", "seconds")}
+        )
+        if first:
+            summary["first_run"] = first
     t0 = time.time()
+    names = ["phantom", *(["generative", "ratio_study", "synthetic_evaluation"] if "ratio" in studies else []),
+             *(["tumor_size_study"] if "tumor_size" in studies else []), "report"]  # fmt: skip
 
-    def stage(name: str, started: float) -> None:
-        summary["stages"][name] = round(time.time() - started, 1)
-
-    n_stages = 6
-    started = time.time()
-    p = settings["phantom"]
-    print(f"[1/{n_stages}] phantom data set: {p['n_cases']} patients, seed {seed} -> {out / 'data' / 'phantom'}",
-          flush=True)  # fmt: skip
-    data = phantom_data(out / "data" / "phantom", settings, seed=seed)
-    meta = json.loads((data / "dataset.json").read_text())
-    summary["n_training"], summary["n_test"] = meta["numTraining"], meta["numTest"]
-    if not (out / "phantom_montage.png").is_file():
-        phantom_montage(data, out / "phantom_montage.png")
-    real_dir = shared / "data" / "real_ct"
-    if real_dir.is_dir() and not (out / "realism.json").is_file():
-        from tools.realism import run_realism
-
-        print(f"      realism against {real_dir}", flush=True)
-        run_realism(real_dir, out, n_cases=5, seed=seed)
-    elif not real_dir.is_dir():
-        print(f"      realism skipped: {real_dir} is absent (it needs the real CT samples of ../shared)", flush=True)
-    stage("phantom", started)
-
-    if "ratio" in studies:
+    def stage(name: str, message: str, function, *args):
+        number = f"[{names.index(name) + 1}/{len(names)}]"
+        print(f"{number} {message}", flush=True)
         started = time.time()
-        print(f"[2/{n_stages}] generative bundles: vae_ct and ldm_abdomen trained briefly in parallel, then "
-              "synthesis (logs in logs/)", flush=True)  # fmt: skip
+        try:
+            result = function(*args)
+        except Exception as error:  # recorded, printed and raised again: the demo stops here
+            log = out / "logs" / f"stage_{name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(f"demo stage {name} failed after {time.time() - started:.1f} s\n"
+                           + "".join(traceback.format_exception(error)))  # fmt: skip
+            summary["error"] = {"stage": name, "error": f"{type(error).__name__}: {error}", "log": str(log)}
+            summary["seconds"] = round(time.time() - t0, 1)
+            write_json(out / "demo_summary.json", summary)
+            print(f"{number} {name} FAILED: {type(error).__name__}: {error}\n      log: {log}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            raise DemoStageError(name, error, log) from error
+        summary["stages"][name] = round(time.time() - started, 1)
+        return result
+
+    def make_phantom() -> Path:
+        data = phantom_data(out / "data" / "phantom", settings, seed=seed)
+        meta = json.loads((data / "dataset.json").read_text())
+        summary["n_training"], summary["n_test"] = meta["numTraining"], meta["numTest"]
+        if not (out / "phantom_montage.png").is_file():
+            phantom_montage(data, out / "phantom_montage.png")
+        real_dir = shared / "data" / "real_ct"
+        if real_dir.is_dir() and not (out / "realism.json").is_file():
+            from tools.realism import run_realism
+
+            print(f"      realism against {real_dir}", flush=True)
+            run_realism(real_dir, out, n_cases=5, seed=seed)
+        elif not real_dir.is_dir():
+            print(
+                f"      realism skipped: {real_dir} is absent (it needs the real CT samples of ../shared)", flush=True
+            )
+        return data
+
+    def make_generative(data: Path) -> dict:
         prepared_split(data, out / "data" / "crops_pancreas", "pancreas", settings["crop_shape"])
         if not (out / "generative" / "generative.json").is_file() and nproc > 1:
             commands = [[sys.executable, "-m", "tools.demo", "--stage", g, "--out", str(out), "--scale", scale]
@@ -201,42 +239,42 @@ def run_demo(
 
         gen = generative_sets(out, settings, data)
         summary["generative"] = {k: str(v) for k, v in gen["synthetic"].items()}
-        stage("generative", started)
+        return gen
 
-        started = time.time()
-        print(f"[3/{n_stages}] ratio study (seed 000 Table 1) with seg_unet3d, {nproc} processes", flush=True)
-        run_study_processes("ratio", out, scale, nproc)
-        stage("ratio_study", started)
-
-        started = time.time()
-        print(f"[4/{n_stages}] synthetic sets against the real crops (histograms, features, memorization)", flush=True)
-        summary["synthetic_evaluation"] = evaluate_generated(out, settings, gen)
-        stage("synthetic_evaluation", started)
-
+    p = settings["phantom"]
+    data = stage("phantom", f"phantom data set: {p['n_cases']} patients, seed {seed} -> {out / 'data' / 'phantom'}",
+                 make_phantom)  # fmt: skip
+    if "ratio" in studies:
+        gen = stage("generative", "generative bundles: vae_ct and ldm_abdomen trained briefly in parallel, then "
+                    "synthesis (logs in logs/)", make_generative, data)  # fmt: skip
+        stage("ratio_study", f"ratio study (seed 000 Table 1) with seg_unet3d, {nproc} processes",
+              run_study_processes, "ratio", out, scale, nproc)  # fmt: skip
+        summary["synthetic_evaluation"] = stage(
+            "synthetic_evaluation", "synthetic sets against the real crops (histograms, features, memorization)",
+            evaluate_generated, out, settings, gen,
+        )  # fmt: skip
     if "tumor_size" in studies:
-        started = time.time()
-        print(f"[5/{n_stages}] tumor-size study (seed 001 Table 1) with seg_unet3d, {nproc} processes", flush=True)
-        run_study_processes("tumor_size", out, scale, nproc)
-        stage("tumor_size_study", started)
+        stage("tumor_size_study", f"tumor-size study (seed 001 Table 1) with seg_unet3d, {nproc} processes",
+              run_study_processes, "tumor_size", out, scale, nproc)  # fmt: skip
 
-    started = time.time()
-    print(f"[6/{n_stages}] report", flush=True)
-    summary["seconds"] = round(time.time() - t0, 1)
-    from tools.io import write_json
+    def make_report() -> Path:
+        summary["seconds"] = round(time.time() - t0, 1)
+        write_json(out / "demo_summary.json", summary)  # the report reads the stage times from it
+        md, page = write_report(out, title="Pancreas CT synthesis: demo report")
+        return md
 
-    write_json(out / "demo_summary.json", summary)
-    md, page = write_report(out, title="Pancreas CT synthesis: demo report")
-    stage("report", started)
+    md = stage("report", "report", make_report)
     summary["report"] = str(md)
     summary["seconds"] = round(time.time() - t0, 1)
     write_json(out / "demo_summary.json", summary)
-    print(f"demo done in {summary['seconds']} s; report: {md} and {page}", flush=True)
+    print(f"demo done in {summary['seconds']} s; report: {md} and {md.with_suffix('.html')}", flush=True)
     return summary
 
 
 def evaluate_generated(out: Path, settings: dict, gen: dict) -> dict:
     """``tools.evaluation.evaluate_synthetic`` for each synthetic set against the real crops, with memorization
-    against the generators' training masks' images; the pancreas check uses the ratio study's real-only model."""
+    against the generators' training masks' images; the pancreas check uses the ratio study's real-only model.
+    An evaluation that fails stops the demo (its error propagates)."""
     from tools.evaluation import evaluate_synthetic
     from tools.splits import load_records
 
@@ -244,21 +282,18 @@ def evaluate_generated(out: Path, settings: dict, gen: dict) -> dict:
     training = load_records(crops).records("training")
     seg_ckpt = out / "ratio" / "jobs" / "real_only" / "seed0" / "models"
     seg_overrides = {k: v for k, v in settings["seg"].items() if k.startswith("network_def") or k == "pixdim"}
-    seg_overrides.update({"num_classes": 2, "target_labels": [0, 1, 1], "roi_size": settings["seg"].get("roi_size")})
+    # the ratio study's models are binary (pancreas with its tumor against the rest): two output channels
+    seg_overrides.update({"num_classes": 2, "roi_size": settings["seg"].get("roi_size")})
     results = {}
     for name, syn in gen["synthetic"].items():
         target = out / "generative" / f"evaluation_{name}"
-        if (target / "metrics.json").is_file():
+        if (target / "metrics.json").is_file() and (target / "montage.png").is_file():
             results[name] = json.loads((target / "metrics.json").read_text())
             continue
-        try:
-            results[name] = evaluate_synthetic(
-                syn, crops, target, seg_ckpt=seg_ckpt if (seg_ckpt / "model.pt").is_file() else None,
-                training=training, seg_overrides={k: v for k, v in seg_overrides.items() if v is not None},
-            )  # fmt: skip
-        except Exception as error:  # the report says so; the studies' numbers stand on their own
-            print(f"      evaluation of {name} failed: {error!r}", flush=True)
-            results[name] = {"error": repr(error)}
+        results[name] = evaluate_synthetic(
+            syn, crops, target, seg_ckpt=seg_ckpt if (seg_ckpt / "model.pt").is_file() else None,
+            training=training, seg_overrides={k: v for k, v in seg_overrides.items() if v is not None},
+        )  # fmt: skip
     return results
 
 

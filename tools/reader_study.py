@@ -2,8 +2,11 @@
 
 Seeds 002, 003 and 004 asked clinicians whether scans were real and how realistic they looked. This builds the same
 study for any set of scans: cases are shuffled and renamed (``case_001`` ...), rendered as PNG views in the abdomen
-window (readers see pictures only, so nothing in a file header or name gives a case away), a hidden key maps each
-name back to its source, and a ratings CSV template goes to the readers. Scoring reads the filled CSVs back.
+window (readers see pictures only, so nothing in a file header or name gives a case away), a key maps each name back
+to its source, and a ratings CSV template goes to the readers. Scoring reads the filled CSVs back.
+
+Layout of a study folder: ``readers/`` is the folder handed to the readers (``views/``, ``INSTRUCTIONS.txt``,
+``ratings_template.csv``); ``key.json``, the answer, lies beside it, outside what the readers receive.
 
 Conventions: the positive class is "synthetic" (sensitivity = synthetic cases called synthetic, specificity = real
 cases called real). Cohen's kappa compares two readers' real/synthetic calls case by case; with ``weights`` it can
@@ -23,7 +26,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from tools.datasets import LABEL_SET, validate_records
+from tools.datasets import LABEL_SET, load_image_hu, validate_records
 from tools.errors import InputError
 from tools.io import atomic_path, write_json
 
@@ -121,6 +124,11 @@ def _entries(items: Iterable, truth: str) -> list[dict]:
     return out
 
 
+#: The folder of a study that goes to the readers, and the answer key beside it (never inside it).
+READERS_DIR = "readers"
+KEY_FILE = "key.json"
+
+
 def build_reader_study(
     real: Iterable,
     synthetic: Iterable,
@@ -128,15 +136,17 @@ def build_reader_study(
     seed: int = 0,
     readers: Sequence[str] = ("reader1", "reader2"),
 ) -> dict:
-    """Write the blinded study into ``out_dir``: ``views/case_XXX.png``, ``ratings_template.csv``, ``key.json``.
+    """Write the blinded study into ``out_dir``: ``readers/`` (``views/case_XXX.png``, ``ratings_template.csv``,
+    ``INSTRUCTIONS.txt``), the folder to hand out, and ``key.json`` beside it, the answer to keep.
 
-    ``real`` and ``synthetic`` are image paths or records ``{"image": ..., "label": ...}`` (a label centres the
-    views on the pancreas). ``key.json`` is the hidden answer: keep it from the readers. Returns a summary.
+    ``real`` and ``synthetic`` are image paths or records ``{"image": ..., "label": ...}``; a label puts the views
+    through the tumor's largest cross-section (the pancreas's when there is no tumor). The views carry no outlines:
+    readers judge the image itself. Returns a summary with the two paths.
     """
     import matplotlib.pyplot as plt
 
-    from tools.figures import save_figure, show_views
-    from tools.io import load_label, load_nifti
+    from tools.figures import save_figure, show_views, window_name
+    from tools.io import load_label
 
     cases = _entries(real, "real") + _entries(synthetic, "synthetic")
     if not cases:
@@ -147,17 +157,18 @@ def build_reader_study(
     validate_records([c for c in cases if c["truth"] == "synthetic"], check_ct=False, allowed_labels=LABEL_SET)
     order = np.random.default_rng(seed).permutation(len(cases))
     out = Path(out_dir)
+    hand_out = out / READERS_DIR
     key = {}
     for number, idx in enumerate(order, start=1):
         case = cases[int(idx)]
         case_id = f"case_{number:03d}"
-        image, affine = load_nifti(case["image"])
+        image, affine = load_image_hu(case)  # views are shown in a HU window, also for a windowed set
         label = load_label(case["label"])[0] if case.get("label") else None
-        fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), layout="constrained")
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3.8), layout="constrained")
         show_views(axes, image, affine, focus=label, title=case_id)
-        save_figure(fig, out / "views" / f"{case_id}.png", dpi=90)
+        save_figure(fig, hand_out / "views" / f"{case_id}.png", dpi=90)
         key[case_id] = {"truth": case["truth"], "image": str(case["image"])}
-    with atomic_path(out / "ratings_template.csv") as tmp:
+    with atomic_path(hand_out / "ratings_template.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(RATING_COLUMNS)
@@ -165,16 +176,44 @@ def build_reader_study(
                 for case_id in key:
                     writer.writerow([reader, case_id, "", ""])
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    write_json(out / "key.json", {"seed": seed, "sha256": digest, "cases": key})
+    write_json(out / KEY_FILE, {"seed": seed, "sha256": digest, "cases": key})
     instructions = (
         "Reader study (blinded). For each case in views/, fill one row per reader in ratings_template.csv:\n"
         "  call    = real | synthetic   (is this a real patient scan?)\n"
         "  realism = 0..5               (0 clearly artificial, 5 indistinguishable from a real scan)\n"
-        "Do not open key.json. Window: W400 L40. Views: axial, coronal, sagittal through the pancreas.\n"
+        f"Views: axial, coronal and sagittal, window {window_name()}, radiological convention (the patient's right\n"
+        "on your left; the letters on the image edges give the patient's directions), through the tumor's largest\n"
+        "cross-section, or through the pancreas when the case has no tumor.\n"
+        "Return the filled ratings_template.csv.\n"
     )
-    with atomic_path(out / "INSTRUCTIONS.txt") as tmp:
+    with atomic_path(hand_out / "INSTRUCTIONS.txt") as tmp:
         Path(tmp).write_text(instructions)
-    return {"n_cases": len(key), "n_real": sum(v["truth"] == "real" for v in key.values()), "key_sha256": digest}
+    return {
+        "n_cases": len(key),
+        "n_real": sum(v["truth"] == "real" for v in key.values()),
+        "key_sha256": digest,
+        "hand_out": str(hand_out),
+        "key": str(out / KEY_FILE),
+    }
+
+
+def load_key(study: str | os.PathLike) -> dict[str, dict]:
+    """The answer key of a study: ``study`` is the folder made by :func:`build_reader_study` (holding ``key.json``
+    beside ``readers/``) or the ``key.json`` file itself."""
+    path = Path(study)
+    key_file = path if path.is_file() else path / KEY_FILE
+    if not key_file.is_file():
+        hint = (
+            " (this is the readers' folder: give the study folder above it, which holds key.json)"
+            if path.name == READERS_DIR
+            else " (give the folder made by `reader_study build`, or its key.json)"
+        )
+        raise InputError(study, f"no {KEY_FILE} found{hint}")
+    try:
+        cases = json.loads(key_file.read_text())["cases"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(key_file, f"not a reader-study key ({error})") from None
+    return cases
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,9 +260,10 @@ def read_ratings(paths: Sequence[str | os.PathLike], key: Mapping[str, Mapping])
 
 
 def score_reader_study(study_dir: str | os.PathLike, ratings_csv: str | os.PathLike | Sequence) -> dict:
-    """Per-reader sensitivity / specificity / accuracy and mean realism (real vs synthetic), kappa between readers."""
-    study = Path(study_dir)
-    key = json.loads((study / "key.json").read_text())["cases"]
+    """Per-reader sensitivity / specificity / accuracy and mean realism (real vs synthetic), kappa between readers.
+
+    ``study_dir``: the study folder (holding ``key.json``) or the key file itself (:func:`load_key`)."""
+    key = load_key(study_dir)
     paths = [ratings_csv] if isinstance(ratings_csv, (str, os.PathLike)) else list(ratings_csv)
     ratings = read_ratings(paths, key)
     readers = {}
