@@ -1,18 +1,20 @@
 """Benchmark: seconds per early tumor of DiffTumor synthesis against one seg_unet3d training step, same run.
 
-    python benchmarks/difftumor_speed.py [--repeats 5] [--threads 0]
+    python benchmarks/difftumor_speed.py [--repeats 5] [--threads 0] [--crop 96]
+    python benchmarks/difftumor_speed.py --smoke      # seconds: tiny sizes, checks that it runs
 
 Synthesis runs at the full reference architecture of ``bundles/difftumor/configs/inference.json`` (VQVAE 16-32-64 with
 the 16384 x 8 codebook, DiffusionModelUNet 24-48-96-96, DDPM T = 4), random weights (the speed does not depend on the
-values), on a 96^3 crop at 1 mm: encode the masked crop, 4 diffusion steps, decode (the latent window the blend
-needs), feathered blend. The scan is ``../shared/data/real_ct/example_ct_sm.nii.gz`` resampled to 1 mm around the
-pancreas (label 7 of ``example_seg.nii.gz``), or a synthetic ellipsoid organ in noise when ``../shared`` is absent.
+values), on a 96^3 crop at 1 mm (the config's ``crop_size``, or ``--crop``): encode the masked crop, 4 diffusion
+steps, decode (the latent window the blend needs), feathered blend. The scan is
+``../shared/data/real_ct/example_ct_sm.nii.gz`` resampled to 1 mm around the pancreas (label 7 of
+``example_seg.nii.gz``), or a synthetic ellipsoid organ in noise when ``../shared`` is absent.
 Each draw is an early tumor (tiny or small, 1-3 tumors in one crop, one synthesis call).
 
 The reference step is one seg_unet3d training step: its network and loss built from
 ``bundles/seg_unet3d/configs/train.json`` with ``monai.bundle.ConfigParser`` when that file exists (else monai
 ``UNet(3, 1, 3, channels=[28, 56, 112, 224, 448], strides=[2, 2, 2, 2], num_res_units=2)`` + DiceCE), Adam, on
-``batch_size x num_samples`` crops of 96^3 (its config: 1 x 2), forward + backward + step. Synthesis and steps
+``batch_size x num_samples`` crops of the same size (its config: 1 x 2), forward + backward + step. Synthesis and steps
 alternate, so machine load hits both alike. Prints medians, the per-stage split of synthesis, and the ratio
 synthesis / step: <= 1 meets the target (online synthesis never slows training).
 """
@@ -26,15 +28,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from smoke import parse_args_with_smoke
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "difftumor"
 SEG_TRAIN = REPO / "bundles" / "seg_unet3d" / "configs" / "train.json"
 SHARED = REPO.parent / "shared" / "data" / "real_ct"
+SMOKE = {"repeats": 1, "crop": 32}
+# a smoke run shrinks the networks of both configs too (overrides of their keys): its times are not measurements
+SMOKE_SYNTHESIS_CONFIG = {
+    "autoencoder_def#channels": [8, 8, 8],
+    "autoencoder_def#num_res_channels": [8, 8, 8],
+    "autoencoder_def#num_embeddings": 64,
+    "diffusion_def#channels": [8, 8, 16, 16],
+    "diffusion_def#num_head_channels": 8,
+}
+SMOKE_SEG_CONFIG = {"network_def#channels": [4, 8, 16, 32, 64]}
 
 
-def load_synthesizer():
-    """The ``difftumor`` family of the bundle's inference config (full scale, random weights allowed)."""
+def load_synthesizer(crop: int | None = None, overrides: dict | None = None):
+    """The ``difftumor`` family of the bundle's inference config (full scale unless ``overrides`` change it, random
+    weights allowed) and its crop size (the config's ``crop_size`` unless ``crop`` is given)."""
     from monai.bundle import ConfigParser
 
     sys.path.insert(0, str(BUNDLE))
@@ -44,7 +58,11 @@ def load_synthesizer():
     parser["ckpt_dir"] = "/nonexistent"  # no weights: random initialisation, same cost
     parser["allow_random_weights"] = True
     parser["device"] = "$torch.device('cpu')"
-    return parser.get_parsed_content("families#difftumor")
+    if crop:
+        parser["crop_size"] = crop
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser.get_parsed_content("families#difftumor"), int(parser.get_parsed_content("crop_size"))
 
 
 def scan_and_organ() -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -72,8 +90,9 @@ def scan_and_organ() -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     return hu, organ, np.eye(4), "synthetic ellipsoid organ (../shared absent)"
 
 
-def seg_step_factory():
-    """One seg_unet3d training step as a callable, and a description of it."""
+def seg_step_factory(crop: int, overrides: dict | None = None):
+    """One seg_unet3d training step on ``crop``^3 crops as a callable, and a description of it; ``overrides`` change
+    keys of its train.json."""
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
 
@@ -83,6 +102,8 @@ def seg_step_factory():
 
         parser = ConfigParser()
         parser.read_config(str(SEG_TRAIN))
+        for key, value in (overrides or {}).items():
+            parser[key] = value
         network = parser.get_parsed_content("network_def")
         loss = parser.get_parsed_content("loss")
         batch = int(parser.get("batch_size", 1)) * int(parser.get("num_samples", 1))
@@ -93,8 +114,8 @@ def seg_step_factory():
         loss, lr = DiceCELoss(to_onehot_y=True, softmax=True), 1e-4
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     out_channels = int(getattr(network, "out_channels", 3))
-    images = torch.rand(batch, 1, 96, 96, 96)
-    labels = torch.randint(0, out_channels, (batch, 1, 96, 96, 96))
+    images = torch.rand(batch, 1, crop, crop, crop)
+    labels = torch.randint(0, out_channels, (batch, 1, crop, crop, crop))
     network.train()
 
     def step() -> None:
@@ -110,12 +131,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--crop", type=int, default=None, help="crop size of synthesis and of the training step (default: the config's)"
+    )
+    args = parse_args_with_smoke(parser, SMOKE)
     if args.threads:
         torch.set_num_threads(args.threads)
-    synthesizer = load_synthesizer()
+    synthesizer, crop = load_synthesizer(args.crop, SMOKE_SYNTHESIS_CONFIG if args.smoke else None)
     hu, organ, affine, source = scan_and_organ()
-    step, step_source = seg_step_factory()
+    step, step_source = seg_step_factory(crop, SMOKE_SEG_CONFIG if args.smoke else None)
     models = synthesizer.models()
     sizes = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()}
 

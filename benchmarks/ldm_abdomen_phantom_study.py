@@ -1,13 +1,14 @@
 """Phantom study of ldm_abdomen: seed 002's crop-context experiment at CPU scale, end to end, with its numbers.
 
     python benchmarks/ldm_abdomen_phantom_study.py [--out runs/ldm_abdomen_study] [--diffusion_epochs 300]
+    python benchmarks/ldm_abdomen_phantom_study.py --smoke    # seconds: tiny sizes in runs/ldm_abdomen_study_smoke
 
 1. a phantom data set (``tools.phantom``; ``--cases`` patients, 25 % in the test split), prepared in HU for the
    crop modes ``full``, ``semi`` and ``pancreas`` (``tools.prep.prepare_dataset(..., hu_window=None)``);
 2. stage 1: one autoencoder (``configs/train.json`` + ``configs/train_autoencoder.json``) trained on the full crops,
    then frozen for every crop mode, as seed 002 froze one pretrained autoencoder;
 3. stage 2 per crop mode: the diffusion model (``configs/train.json``) on the frozen latents;
-4. ``--samples`` DDIM-50 samples per mode (``configs/inference.json``);
+4. ``--samples`` samples per mode with DDIM-50 (``--ddim_steps``; ``configs/inference.json``);
 5. ``configs/evaluate_synthetic.json`` over the three modes: HU histogram distances to the real crops of the test
    split, medians, seg_unet3d detection when its bundle has weights, montages.
 
@@ -26,12 +27,26 @@ import time
 from pathlib import Path
 
 import torch
+from smoke import parse_args_with_smoke
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "ldm_abdomen"
+SMOKE = {
+    "out": "runs/ldm_abdomen_study_smoke",
+    "cases": 4,
+    "shape": "32,32,16",
+    "image_size": "32,32,32",
+    "ae_epochs": 1,
+    "diffusion_epochs": 1,
+    "val_interval": 1,
+    "samples": 1,
+    "ddim_steps": 2,
+    "decode_size": "32,32,32",
+    "decode_patch": 4,
+}
 
 
-def sliding_window_agreement(weights: Path, nets: dict, phantom: Path, size: str) -> dict:
+def sliding_window_agreement(weights: Path, nets: dict, phantom: Path, size: str, patch: int) -> dict:
     """Encode a phantom test scan (resized to ``size``, the bundle's HU window) with the trained autoencoder, decode
     it whole and with the sliding window of configs/inference.json, and compare both in HU."""
     import nibabel as nib
@@ -54,7 +69,7 @@ def sliding_window_agreement(weights: Path, nets: dict, phantom: Path, size: str
     image = ((ct.clamp(-1000, 1000) + 1000) / 2000)[None, None]
     shape = [int(s) for s in size.split(",")]
     image = torch.nn.functional.interpolate(image, size=shape, mode="trilinear", align_corners=False)
-    inferer = SlidingWindowInferer(roi_size=[32, 32, 32], sw_batch_size=1, overlap=0.25, mode="gaussian")
+    inferer = SlidingWindowInferer(roi_size=[patch] * 3, sw_batch_size=1, overlap=0.25, mode="gaussian")
     with torch.no_grad():
         latent = encode_to_latent(autoencoder, image, 1.0, sample=False)
         whole = decode_from_latent(autoencoder, latent, 1.0).clamp(0, 1)
@@ -63,7 +78,7 @@ def sliding_window_agreement(weights: Path, nets: dict, phantom: Path, size: str
     return {
         "volume": shape,
         "latent": list(latent.shape[1:]),
-        "latent_patch": [32, 32, 32],
+        "latent_patch": [patch] * 3,
         "overlap": 0.25,
         "sliding_vs_whole_mean_abs_hu": float((sliding - whole).abs().mean() * to_hu),
         "sliding_vs_whole_p99_abs_hu": float(torch.quantile((sliding - whole).abs().flatten()[::7], 0.99) * to_hu),
@@ -85,7 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", default="full,semi,pancreas")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--decode_size", default="256,256,128", help="volume for the decoding comparison")
-    args = parser.parse_args(argv)
+    parser.add_argument("--decode_patch", type=int, default=32, help="latent patch of the sliding-window decoding")
+    parser.add_argument("--val_interval", type=int, default=50, help="epochs between validations")
+    parser.add_argument("--ddim_steps", type=int, default=50, help="DDIM steps of the sampling")
+    args = parse_args_with_smoke(parser, SMOKE, argv)
 
     sys.path.insert(0, str(REPO))
     from tools.bundle_check import run_workflow
@@ -122,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         "diffusion_def#channels": [32, 64, 64], "diffusion_def#num_head_channels": [0, 32, 32],
         "diffusion_def#num_res_blocks": 1, "diffusion_def#norm_num_groups": 8,
     }  # fmt: skip
-    train = {**nets, "train_batch_size": 4, "num_workers": 0, "learning_rate": 1e-4, "val_interval": 50,
+    train = {**nets, "train_batch_size": 4, "num_workers": 0, "learning_rate": 1e-4, "val_interval": args.val_interval,
              "scale_factor_samples": 8, "checkpoint_interval": 25}  # fmt: skip
     autoencoder = {
         "ae_patch_size": [32, 32, 32], "discriminator_def#channels": 16, "train_batch_size": 2,
@@ -153,12 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
             BUNDLE, "configs/inference.json", "inference",
             overrides={**nets, "ckpt_dir": str(ckpt), "autoencoder_path": str(ae_dir / "model_autoencoder.pt"),
                        "output_dir": str(samples), "num_samples": args.samples, "sampler": "ddim",
-                       "num_inference_steps": 50},
+                       "num_inference_steps": args.ddim_steps},
         )  # fmt: skip
-        tick = lap(f"sampling DDIM-50 x {args.samples} ({mode})", tick)
+        tick = lap(f"sampling DDIM-{args.ddim_steps} x {args.samples} ({mode})", tick)
         runs[mode] = {"synthetic": str(samples), "real": str(prepared[mode])}
 
-    decoding = sliding_window_agreement(ae_dir / "model_autoencoder.pt", nets, phantom, args.decode_size)
+    decoding = sliding_window_agreement(
+        ae_dir / "model_autoencoder.pt", nets, phantom, args.decode_size, args.decode_patch
+    )
     tick = lap("sliding-window vs whole decoding", tick)
     print(json.dumps(decoding, indent=2))
 

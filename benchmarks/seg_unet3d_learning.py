@@ -1,6 +1,7 @@
 """Learning check of the seg_unet3d bundle (issue 3, acceptance 6): does the bundle really learn the pancreas?
 
     python benchmarks/seg_unet3d_learning.py [--out runs/seg_unet3d_learning] [--epochs 40] [--seed 0]
+    python benchmarks/seg_unet3d_learning.py --smoke    # seconds: tiny sizes in runs/seg_unet3d_learning_smoke
 
 1. Makes a phantom data set with ``tools`` (``--n_cases`` patients, half with a tumor, a quarter held out as the
    test set), the same as ``python -m tools data phantom``.
@@ -22,12 +23,24 @@ import sys
 import time
 from pathlib import Path
 
+from smoke import parse_args_with_smoke
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "seg_unet3d"
+SMOKE = {
+    "out": "runs/seg_unet3d_learning_smoke",
+    "n_cases": 4,
+    "shape": "48,48,24",
+    "pixdim": 8.0,
+    "roi": 32,
+    "epochs": 1,
+    "val_interval": 1,
+    "channels": "4,8,16,32,64",
+}
 
 
 def bundle_overrides(args: argparse.Namespace, data: Path, out: Path) -> dict:
-    return {
+    overrides = {
         "bundle_root": str(BUNDLE),
         "dataset_dir": str(data),
         "ckpt_dir": str(out / "models"),
@@ -40,6 +53,9 @@ def bundle_overrides(args: argparse.Namespace, data: Path, out: Path) -> dict:
         "seed": args.seed,
         "cache_workers": 2,
     }
+    if args.channels:
+        overrides["network_def#channels"] = [int(v) for v in args.channels.split(",")]
+    return overrides
 
 
 def shell_value(value) -> str:
@@ -80,7 +96,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--val_interval", type=int, default=5)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
-    args = parser.parse_args()
+    parser.add_argument("--channels", default=None, help="UNet channels, e.g. 4,8,16,32,64 (default: the config's)")
+    args = parse_args_with_smoke(parser, SMOKE)
 
     from ignite.engine import Events
 

@@ -1,11 +1,13 @@
 """Speed of the seg_unet3d bundle against a pipeline built like the model-zoo ``spleen_ct_segmentation`` bundle.
 
     python benchmarks/seg_unet3d_speed.py [--pixdim 2.0] [--roi 96] [--cases 4] [--rounds 2]
+    python benchmarks/seg_unet3d_speed.py --smoke      # seconds: tiny sizes, checks that it runs
 
 Issue 3, acceptance 7. Both pipelines get the same network (the bundle's ``network_def``: residual UNet
-28..448, 14.7 M parameters, with the same initial weights), the same data (``--cases`` phantom scans of
-160x160x80 voxels, resampled to ``--pixdim`` mm), the same crop size (``--roi``^3) and the same number of crops per
-iteration (the bundle's ``num_samples`` x ``batch_size``); everything else follows each pipeline's own choices:
+28..448, 14.7 M parameters, or ``--channels``, with the same initial weights), the same data (``--cases`` phantom
+scans of ``--shape`` 160x160x80 voxels, resampled to ``--pixdim`` mm), the same crop size (``--roi``^3) and the same
+number of crops per iteration (the bundle's ``num_samples`` x ``batch_size``); everything else follows each pipeline's
+own choices:
 
 - reference (rebuilt from spleen_ct_segmentation's train.json / inference.json): ``CacheDataset`` of LoadImaged,
   EnsureChannelFirstd, Orientationd, Spacingd, ScaleIntensityRanged, EnsureTyped, then RandCropByPosNegLabeld
@@ -38,10 +40,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from smoke import parse_args_with_smoke
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "seg_unet3d"
 HU_WINDOW = (-175.0, 250.0)
+SMOKE = {
+    "pixdim": 6.0,
+    "roi": 32,
+    "cases": 1,
+    "shape": "48,48,24",
+    "epochs": 1,
+    "rounds": 1,
+    "channels": "4,8,16,32,64",
+}
 
 
 def bundle_workflow(config: str, overrides: dict, workflow_type: str):
@@ -86,7 +98,11 @@ class EpochTimer:
 
 
 def sizes(args) -> dict:
-    return {"pixdim": [args.pixdim] * 3, "roi_size": [args.roi] * 3}
+    """The overrides both bundle configs get: voxel size, crop size and, where given, the network's widths."""
+    overrides = {"pixdim": [args.pixdim] * 3, "roi_size": [args.roi] * 3}
+    if args.channels:
+        overrides["network_def#channels"] = [int(v) for v in args.channels.split(",")]
+    return overrides
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,6 +309,8 @@ def main() -> None:
     parser.add_argument("--pixdim", type=float, default=2.0, help="voxel size in mm for both pipelines")
     parser.add_argument("--roi", type=int, default=96, help="crop / sliding-window size")
     parser.add_argument("--cases", type=int, default=4, help="phantom scans (training set and inference set)")
+    parser.add_argument("--shape", default="160,160,80", help="voxels of each phantom scan")
+    parser.add_argument("--channels", default=None, help="UNet channels, e.g. 4,8,16,32,64 (default: the config's)")
     parser.add_argument("--epochs", type=int, default=2, help="timed training epochs after one warm-up epoch")
     parser.add_argument("--rounds", type=int, default=2, help="1: reference then bundle; 2: ABBA")
     parser.add_argument("--seed", type=int, default=0)
@@ -302,7 +320,7 @@ def main() -> None:
     parser.add_argument(
         "--reference_workers", type=int, default=4, help="DataLoader workers of the reference (spleen: 4); a diagnostic"
     )
-    args = parser.parse_args()
+    args = parse_args_with_smoke(parser, SMOKE)
 
     from monai.bundle import ConfigParser
     from monai.utils import set_determinism
@@ -310,14 +328,17 @@ def main() -> None:
     from tools.phantom import make_dataset
 
     sys.path.insert(0, str(BUNDLE))
-    work = Path(args.out or tempfile.mkdtemp(prefix="seg_unet3d_speed_")).resolve()
+    work = Path(
+        args.out or tempfile.mkdtemp(prefix="seg_unet3d_speed_smoke_" if args.smoke else "seg_unet3d_speed_")
+    ).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = work / "phantom"
+    shape = tuple(int(v) for v in args.shape.split(","))
     make_dataset(
         data,
         n_cases=args.cases,
         seed=args.seed,
-        shape=(160, 160, 80),
+        shape=shape,
         tumor_fraction=0.5,
         test_fraction=0.0,
         progress=False,
@@ -338,6 +359,8 @@ def main() -> None:
         torch.manual_seed(seed)
         parser = ConfigParser()
         parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+        if args.channels:  # the same widths as the bundle's overrides (sizes)
+            parser["network_def#channels"] = sizes(args)["network_def#channels"]
         return parser.get_parsed_content("network_def")
 
     initial = work / "initial_weights.pt"
@@ -345,7 +368,8 @@ def main() -> None:
     order = ["reference", "bundle"] if args.rounds == 1 else ["reference", "bundle", "bundle", "reference"]
     results: dict[str, dict[str, list[float]]] = {"reference": {}, "bundle": {}}
     print(
-        f"threads {torch.get_num_threads()}, {args.cases} phantom scans 160x160x80 at {args.pixdim} mm, "
+        f"threads {torch.get_num_threads()}, {args.cases} phantom scans {'x'.join(map(str, shape))} at "
+        f"{args.pixdim} mm, "
         f"crops {args.roi}^3 x {crops['num_samples'] * crops['batch_size']} per iteration",
         flush=True,
     )

@@ -1,15 +1,17 @@
 """Benchmark: train the vae_ct conditional VAE on the phantom on CPU, then measure what it learned.
 
     python benchmarks/vae_ct_quality.py [--out runs/vae_ct_quality] [--epochs 100] [--seed 0] [--kl_weight W]
+    python benchmarks/vae_ct_quality.py --smoke    # seconds: tiny sizes in runs/vae_ct_quality_smoke
 
 Steps (all through the bundle's own configs, run with ``tools.bundle_check.run_workflow`` like ``python -m
 monai.bundle run``):
 
-1. phantom: ``--n_cases`` patients (128x128x48, portal venous, half with a tumour, a quarter held out by patient),
-   cut into seed-000 sub-volumes of 4 axial slices resized to 64x64 in-plane, in HU (``tools.prep``);
+1. phantom: ``--n_cases`` patients (``--shape`` 128x128x48, portal venous, half with a tumour, a quarter held out by
+   patient), cut into seed-000 sub-volumes of 4 axial slices resized to ``--image_size`` 64x64 in-plane, in HU
+   (``tools.prep``);
 2. train ``configs/train.json`` with CPU overrides (printed): in-plane 64x64 instead of 256x256, 4 stride-2 stages
-   instead of 5, encoder widths 8-64 instead of 32-512, ``--epochs`` epochs; everything else (loss weights,
-   latent size, learning rate, batch size) is the config's default;
+   instead of 5, encoder widths ``--channels`` 8-64 instead of 32-512, ``--epochs`` epochs; everything else (loss
+   weights, latent size, learning rate, batch size) is the config's default;
 3. reconstruction MAE in HU (``configs/evaluate.json``, the [-1000, 1000] HU window the VAE is trained in) on the
    held-out patients' sub-volumes, and on the training sub-volumes; for scale, the MAE of the mean training image;
 4. diversity: ``configs/inference.json`` draws ``--samples`` samples (z ~ N(0, I)) for every held-out mask; the
@@ -36,10 +38,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+from smoke import parse_args_with_smoke
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "vae_ct"
 HU_WINDOW = (-1000.0, 1000.0)
+SMOKE = {
+    "out": str(REPO / "runs" / "vae_ct_quality_smoke"),
+    "n_cases": 4,
+    "shape": "32,32,16",
+    "image_size": "32,32",
+    "channels": "4,4,4,4",
+    "epochs": 1,
+    "samples": 2,
+}
 
 
 def bundle_module(name: str):
@@ -140,7 +152,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kl_weight", type=float, default=None, help="override of kl_weight (default: the config's)")
-    args = parser.parse_args()
+    parser.add_argument("--shape", default="128,128,48", help="voxels of each phantom scan")
+    parser.add_argument("--image_size", default="64,64", help="in-plane size of the sub-volumes")
+    parser.add_argument("--channels", default="8,16,32,64", help="encoder widths, one stride-2 stage each")
+    args = parse_args_with_smoke(parser, SMOKE)
     logging.basicConfig(level=logging.WARNING)
 
     import torch
@@ -155,21 +170,25 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}")
 
     start = time.perf_counter()
-    make_dataset(out / "phantom", n_cases=args.n_cases, seed=args.seed, shape=(128, 128, 48), tumor_fraction=0.5,
+    shape = tuple(int(v) for v in args.shape.split(","))
+    image_size = [int(v) for v in args.image_size.split(",")]
+    channels = [int(v) for v in args.channels.split(",")]
+    make_dataset(out / "phantom", n_cases=args.n_cases, seed=args.seed, shape=shape, tumor_fraction=0.5,
                  test_fraction=0.25, progress=False)  # fmt: skip
-    prepare_dataset(out / "phantom", out / "sub64", mode="subvolumes", size=(64, 64), hu_window=None)
+    prepare_dataset(out / "phantom", out / "sub64", mode="subvolumes", size=image_size, hu_window=None)
     datalist = json.loads((out / "sub64" / "dataset.json").read_text())
     train_images = [out / "sub64" / e["image"] for e in datalist["training"]]
     test_images = [out / "sub64" / e["image"] for e in datalist["test"]]
     print(
         f"data: {args.n_cases} phantom patients (seed {args.seed}), {len(train_images)} training and "
-        f"{len(test_images)} held-out sub-volumes of 4x64x64 ({time.perf_counter() - start:.1f} s)"
+        f"{len(test_images)} held-out sub-volumes of 4x{image_size[0]}x{image_size[1]} "
+        f"({time.perf_counter() - start:.1f} s)"
     )
 
     cpu = {
-        "roi_size": [64, 64, 4],
-        "strides": [[2, 2, 1]] * 4,
-        "channels": [8, 16, 32, 64],
+        "roi_size": [*image_size, 4],
+        "strides": [[2, 2, 1]] * len(channels),
+        "channels": channels,
         "train#handlers#4#iteration_log": False,
         "num_workers": 0,
         "max_epochs": args.epochs,
