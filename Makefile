@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast lint format venv clean
@@ -21,7 +22,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m tools demo --out $(DEMO_DIR)
+	$(PY) -m tools demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

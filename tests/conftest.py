@@ -41,3 +41,15 @@ def phantom_set(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom_set")
     make_dataset(out, n_cases=6, seed=7, shape=(64, 64, 32), tumor_fraction=0.67, test_fraction=0.34, progress=False)
     return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """List the documentation blocks the docs test did not run (marked gpu or user-data), by name."""
+    import sys
+
+    module = sys.modules.get("tests.test_docs")
+    skipped = getattr(module, "SKIPPED_DOC_BLOCKS", None)
+    if skipped:
+        terminalreporter.section("documentation blocks not run (marked gpu / user-data)")
+        for name in skipped:
+            terminalreporter.write_line(name)
