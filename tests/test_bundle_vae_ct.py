@@ -71,6 +71,15 @@ def load_bundle_module(name: str):
     return module
 
 
+def defined_in(configs: list[str], overrides: dict) -> dict:
+    """The overrides whose top-level key one of ``configs`` defines: the command line refuses any other key (the
+    tiny settings above hold the GAN and discriminator keys of every family)."""
+    keys = set()
+    for config in configs:
+        keys |= set(json.loads((BUNDLE / config).read_text()))
+    return {k: v for k, v in overrides.items() if k.split("#")[0] in keys}
+
+
 def cli_overrides(overrides: dict) -> list[str]:
     """``--key value`` arguments of ``python -m monai.bundle run`` (values as JSON, read by fire)."""
     args = []
@@ -94,7 +103,9 @@ def subvolumes(phantom_cases, tmp_path_factory) -> Path:
     from tools.prep import prepare_dataset
 
     out = tmp_path_factory.mktemp("vae_subvolumes")
-    prepare_dataset(phantom_cases, out, mode="subvolumes", size=(16, 16), hu_window=None)
+    prepare_dataset(
+        phantom_cases, out, mode="subvolumes", size=(16, 16), hu_window=None, max_spacing_mm=TINY_NET["max_spacing_mm"]
+    )
     datalist = json.loads((out / "dataset.json").read_text())
     assert datalist["training"] and datalist["test"], "the phantom gave no sub-volume with pancreas"
     return out
@@ -360,6 +371,7 @@ def killed_runs(subvolumes, tmp_path_factory) -> dict[str, tuple[Path, int, str]
         overrides.update({"dataset_dir": str(subvolumes), "ckpt_dir": str(ckpt), "output_dir": str(ckpt / "eval")})
         del overrides["_meta_#network_data_format#inputs#image#spatial_shape"]
         del overrides["_meta_#network_data_format#outputs#pred#spatial_shape"]
+        overrides = defined_in(configs, overrides)
         command = [PYTHON, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
         log = open(ckpt / "run.log", "w")
         process = subprocess.Popen(
@@ -434,7 +446,7 @@ def test_ddp_training_on_cpu_with_two_processes(subvolumes, tmp_path):
         overrides = {k: v for k, v in {**TINY_NET, **TINY_TRAIN}.items() if not k.startswith("_meta_")}
         overrides.update({"dataset_dir": str(subvolumes), "ckpt_dir": str(ckpt), "output_dir": str(ckpt / "eval")})
         command = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "monai.bundle"]
-        command += ["run", "--config_file", json.dumps(configs)] + cli_overrides(overrides)
+        command += ["run", "--config_file", json.dumps(configs)] + cli_overrides(defined_in(configs, overrides))
         ckpt.mkdir()
         with open(ckpt / "run.log", "w") as log:
             runs[family] = (ckpt, subprocess.Popen(command, cwd=BUNDLE, stdout=log, stderr=subprocess.STDOUT))

@@ -937,6 +937,7 @@ def _process_record(
     out_dir: Path,
     suffix: str,
     allowed: Sequence[int] | None = None,
+    max_spacing_mm: float = MAX_SPACING_MM,
 ) -> list[dict[str, Any]]:
     """Make and write the outputs of one source record; return their datalist entries (paths relative)."""
     image_path, label_path, organs_path = record["image"], record.get("label"), record.get("organs")
@@ -995,11 +996,11 @@ def _process_record(
 
     for name, image, _, _, aff, _ in pieces:  # before anything is written: outputs every reader accepts
         spacing = voxel_spacing(aff)
-        if spacing.max() > MAX_SPACING_MM:
+        if spacing.max() > max_spacing_mm:
             raise InputError(
                 image_path,
                 f"its {mode} output {name} of shape {tuple(image.shape)} would have voxels of "
-                f"{np.round(spacing, 2).tolist()} mm, more than the {MAX_SPACING_MM:g} mm every reader of this "
+                f"{np.round(spacing, 2).tolist()} mm, more than the {max_spacing_mm:g} mm every reader of this "
                 "collection accepts (they refuse such a header as broken): choose a larger out_shape / size",
             )
     entries = []
@@ -1037,6 +1038,7 @@ def prepare_dataset(
     sections: Sequence[str] | None = None,
     base_dir: str | os.PathLike | None = None,
     datalist_name: str = "dataset.json",
+    max_spacing_mm: float = MAX_SPACING_MM,
 ) -> dict[str, Any]:
     """Write a new MSD-layout folder of crops / sub-volumes / standardised scans with a datalist JSON.
 
@@ -1057,6 +1059,9 @@ def prepare_dataset(
     source case, and ``crop_box`` (crops) or ``first_slice`` (sub-volumes). No entry names a file outside
     ``out_dir`` (the folder stays self-contained: :func:`tools.datasets.read_msd` reads it); the source paths and
     their hashes are in the sidecars.
+
+    Outputs whose voxels would exceed ``max_spacing_mm`` (the readers' limit, 20 mm) are refused before anything
+    is written; raise it only for a test or a reader given the same ``max_spacing_mm``.
 
     Resumable: ``out_dir/sidecars/<case>.json`` records the parameters, the SHA-256 of the sources and the outputs;
     a case whose sidecar matches and whose outputs exist is reused, not recomputed. Inputs are never overwritten.
@@ -1131,7 +1136,9 @@ def prepare_dataset(
                 entries = previous["outputs"]
                 report["reused"].append(case)
             else:
-                entries = _process_record(record, mode, params, out_dir, suffix, _label_set(loaded.extras))
+                entries = _process_record(
+                    record, mode, params, out_dir, suffix, _label_set(loaded.extras), max_spacing_mm
+                )
                 if previous is not None:
                     _remove_stale(out_dir, previous.get("outputs", []), entries)
                 sidecar = {"tool": "tools.prep", "section": section, "params": params, "sources": sources}
