@@ -51,6 +51,7 @@ from tools.bad_inputs import (
     _seg_weights,
     _vae_weights,
 )
+from tools.bundle_scripts.config_check import root_cause
 from tools.prep import PREPARE_MODES
 
 PHANTOM = {"n_cases": 4, "shape": "48,48,24"}  # the README's worked example: voxels of about 8.5 mm
@@ -432,20 +433,12 @@ def run_case(case: Case, sets: dict[str, Path], out: Path) -> Result:
     except Exception as error:  # the point of the suite: any error on the project's own output is a refusal
         detail = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         ours = _input_errors(error)  # MONAI wraps a transform's error: show the InputError, else the root cause
-        shown = ours[0] if ours else _root_cause(error)
+        shown = ours[0] if ours else root_cause(error)
         message = f"{type(shown).__name__}: {shown}".strip().splitlines()[0]
         return Result(case.name, False, time.monotonic() - start, message, detail)
     if case.makes is not None:
         sets[case.makes] = made
     return Result(case.name, True, time.monotonic() - start)
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    seen = {id(error)}
-    while (error.__cause__ or error.__context__) is not None and id(error.__cause__ or error.__context__) not in seen:
-        error = error.__cause__ or error.__context__
-        seen.add(id(error))
-    return error
 
 
 def run_suite(
