@@ -18,14 +18,19 @@ own choices:
   ``Invertd`` back to the scan's grid, argmax, ``SaveImaged`` (float32 NIfTI).
 - this bundle: ``configs/train.json`` and ``configs/inference.json`` as shipped (body crop cached, cached
   foreground / background indices, ``ThreadDataLoader``, resumable checkpoint every epoch, gaussian sliding window
-  with a cached weight map on the body box only, uint8 NIfTI output), with only the sizes above overridden.
+  with a cached weight map on the body box only, uint8 NIfTI output), with only the sizes above overridden, twice:
+  in float32 (``precision fp32``) and in its default precision (``precision auto``: bf16 autocast on a CPU with
+  AVX512-BF16 / AMX, float32 elsewhere, fp16 on CUDA; ``scripts/precision.py``). Where the default resolves to
+  float32 the two are the same run and are measured once.
 
 Training speed is iterations per second over ``--epochs`` epochs after one warm-up epoch (worker start-up and
 checkpoint writing included, caching excluded); inference speed is seconds per scan for the whole evaluator run
 (loading, resampling, sliding window, inversion to the original grid, writing). With ``--rounds 2`` each pipeline
-runs twice in the order reference, bundle, bundle, reference, so that a change in machine load affects both alike.
-Prints each measurement and the ratios (bundle / reference for iterations per second, reference / bundle for seconds
-per scan): a ratio >= 1 means the bundle is not slower. Results also go to ``<out>/speed.json``.
+runs twice in the order reference, bundle, bundle, reference (reference, fp32, default, default, fp32, reference
+where the default is not float32), so that a change in machine load affects all alike. Prints each measurement and
+the ratios (bundle / reference for iterations per second, reference / bundle for seconds per scan) for the bundle in
+float32 and in its default precision: a ratio >= 1 means the bundle is not slower. Results also go to
+``<out>/speed.json``.
 """
 
 from __future__ import annotations
@@ -263,8 +268,9 @@ def reference_infer(images, network, args, out_dir) -> float:
 # this bundle
 
 
-def bundle_train(files, args, crops, work: Path):
+def bundle_train(files, args, crops, work: Path, precision: str):
     overrides = {
+        "precision": precision,
         **sizes(args),
         "bundle_root": str(BUNDLE),
         "ckpt_dir": str(work / "models"),
@@ -284,8 +290,9 @@ def bundle_train(files, args, crops, work: Path):
     return timer
 
 
-def bundle_infer(images, args, ckpt: Path, out_dir: Path) -> float:
+def bundle_infer(images, args, ckpt: Path, out_dir: Path, precision: str) -> float:
     overrides = {
+        "precision": precision,
         **sizes(args),
         "bundle_root": str(BUNDLE),
         "datalist": images,
@@ -315,6 +322,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="1: reference then bundle; 2: ABBA")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="folder for speed.json (default: a temporary folder)")
+    parser.add_argument(
+        "--precision", default=None, help="the bundle precision compared with fp32 (default: the config's, auto)"
+    )
     parser.add_argument("--skip_training", action="store_true")
     parser.add_argument("--skip_inference", action="store_true")
     parser.add_argument(
@@ -365,8 +375,24 @@ def main() -> None:
 
     initial = work / "initial_weights.pt"
     torch.save(network().state_dict(), initial)
-    order = ["reference", "bundle"] if args.rounds == 1 else ["reference", "bundle", "bundle", "reference"]
-    results: dict[str, dict[str, list[float]]] = {"reference": {}, "bundle": {}}
+    sys.path.insert(0, str(BUNDLE))
+    from scripts.precision import describe
+
+    requested = args.precision or config["precision"]
+    default = describe(requested, "cpu")
+    # the bundle's runs: float32, and its default precision where that is not float32 on this CPU
+    bundles = {"bundle": "fp32"}
+    if default["precision"] != "fp32":
+        bundles["bundle_default"] = requested
+    order = ["reference", *bundles]
+    if args.rounds > 1:
+        order += order[::-1]
+    results: dict[str, dict[str, list[float]]] = {name: {} for name in ["reference", *bundles]}
+    print(
+        f"bundle precision compared with fp32: {requested!r} -> {default['precision']} on this CPU "
+        f"(native bf16: {default.get('cpu_native_bf16')})",
+        flush=True,
+    )
     print(
         f"threads {torch.get_num_threads()}, {args.cases} phantom scans {'x'.join(map(str, shape))} at "
         f"{args.pixdim} mm, "
@@ -382,7 +408,7 @@ def main() -> None:
         if name == "reference":
             timer = reference_train(files, network(), args, crops, str(run_dir / "tensorboard"))
         else:
-            timer = bundle_train(files, args, crops, run_dir)
+            timer = bundle_train(files, args, crops, run_dir, bundles[name])
         results[name].setdefault("train_iterations_per_second", []).append(timer.iterations_per_second)
         print(
             f"train {name}: {timer.iterations} iterations in {timer.seconds:.1f} s = "
@@ -400,36 +426,55 @@ def main() -> None:
             net.load_state_dict(torch.load(initial, map_location="cpu", weights_only=True))
             seconds = reference_infer(images, net.eval(), args, out_dir)
         else:
-            seconds = bundle_infer(images, args, initial, out_dir)
+            seconds = bundle_infer(images, args, initial, out_dir, bundles[name])
         results[name].setdefault("infer_seconds_per_volume", []).append(seconds)
         print(f"inference {name}: {seconds:.2f} s per scan", flush=True)
 
     summary = {}
     for name, measured in results.items():
         summary[name] = {key: statistics.mean(values) for key, values in measured.items()}
-    ratios = {}
-    if "train_iterations_per_second" in summary["bundle"]:
-        ratios["train_iterations_per_second"] = (
-            summary["bundle"]["train_iterations_per_second"] / summary["reference"]["train_iterations_per_second"]
-        )
-    if "infer_seconds_per_volume" in summary["bundle"]:
-        ratios["infer_seconds_per_volume"] = (
-            summary["reference"]["infer_seconds_per_volume"] / summary["bundle"]["infer_seconds_per_volume"]
-        )
-    report = {"settings": vars(args), "crops": crops, "measurements": results, "mean": summary, "ratios": ratios}
+    ratios: dict[str, dict[str, float]] = {}
+    reference = summary["reference"]
+    for name in bundles:
+        measured = summary[name]
+        ratios[name] = {}
+        if "train_iterations_per_second" in measured:
+            ratios[name]["train_iterations_per_second"] = (
+                measured["train_iterations_per_second"] / reference["train_iterations_per_second"]
+            )
+        if "infer_seconds_per_volume" in measured:
+            ratios[name]["infer_seconds_per_volume"] = (
+                reference["infer_seconds_per_volume"] / measured["infer_seconds_per_volume"]
+            )
+    if "bundle_default" not in bundles:
+        ratios["bundle_default"] = ratios["bundle"]  # the default is float32 on this CPU: the same run
+    report = {
+        "settings": vars(args),
+        "crops": crops,
+        "default_precision": default,
+        "measurements": results,
+        "mean": summary,
+        "ratios": ratios,
+    }
     (work / "speed.json").write_text(json.dumps(report, indent=1))
-    if "train_iterations_per_second" in ratios:
-        print(
-            f"training: bundle {summary['bundle']['train_iterations_per_second']:.4f} it/s, reference "
-            f"{summary['reference']['train_iterations_per_second']:.4f} it/s, "
-            f"ratio bundle/reference = {ratios['train_iterations_per_second']:.2f}"
-        )
-    if "infer_seconds_per_volume" in ratios:
-        print(
-            f"inference: bundle {summary['bundle']['infer_seconds_per_volume']:.2f} s/scan, reference "
-            f"{summary['reference']['infer_seconds_per_volume']:.2f} s/scan, "
-            f"ratio reference/bundle = {ratios['infer_seconds_per_volume']:.2f}"
-        )
+    chosen = f"default: {default['precision']}" if args.precision is None else default["precision"]
+    labels = {"bundle": "bundle (fp32)", "bundle_default": f"bundle ({chosen})"}
+    for name, label in labels.items():
+        measured = summary.get(name, summary["bundle"])
+        if "train_iterations_per_second" in ratios[name]:
+            print(
+                f"training: {label} {measured['train_iterations_per_second']:.4f} it/s, reference "
+                f"{reference['train_iterations_per_second']:.4f} it/s, "
+                f"ratio bundle/reference = {ratios[name]['train_iterations_per_second']:.2f}"
+            )
+        if "infer_seconds_per_volume" in ratios[name]:
+            print(
+                f"inference: {label} {measured['infer_seconds_per_volume']:.2f} s/scan, reference "
+                f"{reference['infer_seconds_per_volume']:.2f} s/scan, "
+                f"ratio reference/bundle = {ratios[name]['infer_seconds_per_volume']:.2f}"
+            )
+    if "bundle_default" not in bundles:
+        print(f"(the default precision is {default['precision']} on this CPU: the default's ratios are the fp32 run's)")
     print(f"(ratio >= 1: the bundle is not slower) results in {work / 'speed.json'}")
 
 

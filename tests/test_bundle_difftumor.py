@@ -253,6 +253,85 @@ def test_inference_writes_synthetic_pairs_for_the_healthy_cases(trained, dt_phan
             trained["ckpt"] / "autoencoder.pt"
         )
         assert sidecar["weights"]["autoencoder"].endswith("autoencoder.pt") and sidecar["tumor_class"] == "small"
+        assert sidecar["precision"] == "fp32" and sidecar["precision_details"]["requested"] == "fp32"  # the default
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# precision (issue 16): one switch, recorded in the training folder and in every synthetic file
+
+
+@pytest.mark.slow
+def test_bf16_training_of_both_stages_records_its_precision_and_saves_bare_networks(dt_phantom, tmp_path):
+    """Both stages trained with ``precision bf16`` (emulated and slow on a CPU without AVX512-BF16: tiny sizes):
+    ``precision.json`` lists both starts, the weights load into the bare networks, and bf16 synthesis says so."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    ckpt = tmp_path / "models"
+    common = {"dataset_dir": str(dt_phantom), "ckpt_dir": str(ckpt), "output_dir": str(tmp_path / "eval"),
+              "precision": "bf16"}  # fmt: skip
+    for configs, sizes in ((["configs/train.json"], TINY_TRAIN),
+                           (["configs/train.json", "configs/train_diffusion.json"], TINY_STAGE2)):  # fmt: skip
+        workflow = run_workflow(BUNDLE, configs, "train", overrides={**sizes, **common})
+        assert np.isfinite(float(workflow.trainer.state.output["loss"].detach()))
+        network = workflow.parser.get_parsed_content("network")
+        assert type(network).__name__ == "AutocastNetwork" and network.dtype == torch.bfloat16
+    record = json.loads((ckpt / "precision.json").read_text())
+    assert record["precision"] == "bf16" and [run["precision"] for run in record["runs"]] == ["bf16", "bf16"]
+    synthesis, networks = bundle_module("synthesis"), bundle_module("networks")
+    bare = {
+        "autoencoder.pt": networks.DiffTumorVQVAE(
+            **{**synthesis.DEFAULT_AUTOENCODER_ARGS, **FAMILY_ARGS["autoencoder"]}
+        ),
+        "diffusion_early.pt": DiffusionModelUNet(
+            **{**synthesis.DEFAULT_DIFFUSION_ARGS, **FAMILY_ARGS["diffusion_early"]}
+        ),
+    }
+    for file, network in bare.items():
+        weights = torch.load(ckpt / file, map_location="cpu", weights_only=True)
+        assert set(weights) == set(network.state_dict()), file  # no wrapper prefix in the checkpoint
+        network.load_state_dict(weights, strict=True)
+    out = tmp_path / "synthetic"
+    overrides = {**TINY_INFER, "dataset_dir": str(dt_phantom), "ckpt_dir": str(ckpt), "output_dir": str(out),
+                 "tumor_type": "tiny", "precision": "bf16"}  # fmt: skip
+    run_workflow(BUNDLE, "configs/inference.json", "infer", overrides=overrides)
+    sidecars = [json.loads(path.read_text()) for path in out.glob("*_synthetic_ct.json")]
+    assert sidecars and all(
+        s["precision"] == "bf16" and s["precision_details"]["precision"] == "bf16" for s in sidecars
+    )
+    assert all(s["weights"]["diffusion_early"].endswith("diffusion_early.pt") for s in sidecars)
+
+
+def test_the_codebook_lookup_stays_float32_under_autocast():
+    """MONAI's quantizer switches off only CUDA autocast; the bundle's VQVAE runs it in float32 under CPU bf16."""
+    synthesis, networks = bundle_module("synthesis"), bundle_module("networks")
+    autoencoder = networks.DiffTumorVQVAE(**{**synthesis.DEFAULT_AUTOENCODER_ARGS, **FAMILY_ARGS["autoencoder"]})
+    seen = []
+    autoencoder.quantizer.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu")))
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reconstruction, loss = autoencoder(torch.rand(1, 1, 16, 16, 16), return_quantization_loss=True)
+    assert seen == [(torch.float32, False)]
+    assert reconstruction.dtype == torch.bfloat16 and loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("configs, workflow_type", [(["configs/train.json"], "train"),
+                                                    (["configs/inference.json"], "infer")],
+                         ids=["train", "inference"])  # fmt: skip
+def test_an_unknown_precision_fails_naming_it(tmp_path, configs, workflow_type):
+    overrides = {
+        "precision": "fp8",
+        "dataset_dir": str(tmp_path),
+        "ckpt_dir": str(tmp_path),
+        "output_dir": str(tmp_path),
+    }
+    with pytest.raises(Exception) as raised:  # MONAI wraps errors of a config expression in a RuntimeError
+        run_workflow(BUNDLE, configs, workflow_type, overrides=overrides, logging_file=False)
+    cause = raised.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, ValueError) and "precision 'fp8'" in str(cause) and "bf16" in str(cause), cause
+    assert not (tmp_path / "precision.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -262,6 +262,68 @@ def test_evaluate_config_reports_the_validation_loss(bundle, prepared, trained, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# precision (issue 16): one switch, recorded in the training folder and in every synthetic file
+
+
+@pytest.mark.slow
+def test_bf16_training_of_every_stage_records_its_precision_and_saves_bare_networks(bundle, prepared, tmp_path):
+    """Autoencoder GAN, diffusion model and ControlNet trained one epoch each with ``precision bf16`` (emulated and
+    slow on a CPU without AVX512-BF16: tiny sizes): ``precision.json`` lists the three starts, the weights load into
+    the bare networks, and bf16 samples say so in their sidecars."""
+    from monai.bundle import ConfigParser
+    from monai.networks.nets import AutoencoderKL
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    base = train_overrides(prepared["full"], ckpt, out, precision="bf16", **{"train#trainer#max_epochs": 1})
+    stages = {
+        "autoencoder": (["configs/train.json", "configs/train_autoencoder.json"], AUTOENCODER),
+        "diffusion": (["configs/train.json"], {}),
+        "controlnet": (["configs/train.json", "configs/train_controlnet.json"], CONTROLNET),
+    }
+    networks = {}
+    for name, (configs, extra) in stages.items():
+        workflow = run_workflow(bundle, configs, "train", overrides={**base, **extra})
+        assert workflow.trainer.state.epoch == 1
+        network = workflow.parser.get_parsed_content("network")
+        assert type(network).__name__ == "AutocastNetwork" and network.dtype == torch.bfloat16
+        networks[name] = workflow.parser.get_parsed_content("network_def")
+    record = json.loads((ckpt / "precision.json").read_text())
+    assert record["precision"] == "bf16" and [run["precision"] for run in record["runs"]] == ["bf16"] * 3
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / name) for name in ("train.json", "train_controlnet.json")])
+    for key, value in {**NETS, **CONTROLNET}.items():
+        parser[key] = value
+    bare = {
+        "model_autoencoder.pt": AutoencoderKL(**AE_KWARGS),
+        "model.pt": parser.get_parsed_content("diffusion_def"),
+        "model_controlnet.pt": parser.get_parsed_content("controlnet_def"),
+    }
+    for file, network in bare.items():
+        weights = torch.load(ckpt / file, map_location="cpu", weights_only=True)
+        assert set(weights) == set(network.state_dict()), file  # no wrapper prefix in the checkpoint
+        network.load_state_dict(weights, strict=True)
+    synthetic = tmp_path / "synthetic"
+    overrides = infer_overrides(ckpt, synthetic, num_inference_steps=2, num_samples=1, precision="bf16")
+    run_workflow(bundle, "configs/inference.json", "inference", overrides=overrides)
+    sidecar = json.loads((synthetic / "sample_00000_image.json").read_text())
+    assert sidecar["precision"] == "bf16" and sidecar["precision_details"]["device"] == "cpu"
+    assert np.asarray(nib.load(synthetic / "sample_00000_image.nii.gz").dataobj).std() > 0
+
+
+@pytest.mark.parametrize(
+    "configs, workflow_type",
+    [(["configs/train.json", "configs/train_autoencoder.json"], "train"), (["configs/inference.json"], "inference"),
+     (["configs/evaluate_synthetic.json"], "inference")],
+    ids=["train_autoencoder", "inference", "evaluate_synthetic"],
+)  # fmt: skip
+def test_an_unknown_precision_fails_naming_it(bundle, tmp_path, configs, workflow_type):
+    overrides = {"precision": "fp8", "output_dir": str(tmp_path)}
+    with pytest.raises(Exception) as raised:
+        run_workflow(bundle, configs, workflow_type, overrides=overrides, logging_file=False)
+    assert re.search(r"ValueError: precision 'fp8': expected one of auto, fp32, bf16, fp16", error_chain(raised.value))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # acceptance 2: the scale factor
 
 
@@ -351,6 +413,7 @@ def test_ddim_samples_are_seeded_hu_volumes_with_geometry_and_provenance(bundle,
     assert sidecar["seed"] == 5 and sidecar["sampler"] == "ddim" and sidecar["num_inference_steps"] == 3
     assert sidecar["checkpoint_sha256"] == sha(trained["ckpt"] / "model.pt")
     assert sidecar["sha256"] == sha(runs["a"]) and sidecar["hu_window"] == [-1000, 1000]
+    assert sidecar["precision"] == "fp32" and sidecar["precision_details"]["requested"] == "fp32"  # the default
     assert np.array_equal(data, np.asarray(nib.load(runs["b"]).dataobj))  # same seed, same volume
     assert not np.array_equal(data, np.asarray(nib.load(runs["c"]).dataobj))
 
@@ -763,6 +826,7 @@ def test_evaluation_command_reports_each_crop_mode(bundle, prepared, trained, tm
     assert semi["histogram_distance"]["wasserstein_hu"] < 1e-6 and semi["histogram_distance"]["intersection"] > 0.999
     assert full["histogram_distance"]["wasserstein_hu"] > 1.0 and full["hu_window"] == [-1000, 1000]
     assert full["n_synthetic"] == 2 and full["pancreas_found"]["of"] == 2
+    assert report["precision"]["precision"] == "fp32"  # what seg_unet3d ran in
     assert semi["pancreas_found_real"]["of"] == 2 and semi["pancreas_found"] == semi["pancreas_found_real"]
     assert full["medians_hu"]["liver"]["real"] is not None and "pancreas (seg_unet3d)" in full["medians_hu"]
     for name in ("report.json", "report.md", "montage_full.png", "montage_semi.png", "histograms.png"):

@@ -731,13 +731,14 @@ def test_dice_loss_and_adamw_are_one_override_each():
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
     parser["network_def#channels"] = TINY["network_def#channels"]
-    assert isinstance(parser.get_parsed_content("loss"), DiceCELoss)
-    assert isinstance(parser.get_parsed_content("optimizer"), torch.optim.Adam)
-    parser["loss#_target_"] = "DiceLoss"
-    parser["optimizer#_target_"] = "torch.optim.AdamW"
-    parser.parse(reset=True)
-    assert type(parser.get_parsed_content("loss")) is DiceLoss
-    assert type(parser.get_parsed_content("optimizer")) is torch.optim.AdamW
+    with bundle_on_path(BUNDLE):  # the network goes through scripts.precision
+        assert isinstance(parser.get_parsed_content("loss"), DiceCELoss)
+        assert isinstance(parser.get_parsed_content("optimizer"), torch.optim.Adam)
+        parser["loss#_target_"] = "DiceLoss"
+        parser["optimizer#_target_"] = "torch.optim.AdamW"
+        parser.parse(reset=True)
+        assert type(parser.get_parsed_content("loss")) is DiceLoss
+        assert type(parser.get_parsed_content("optimizer")) is torch.optim.AdamW
 
 
 def test_thread_loader_raises_what_fails_in_its_thread():

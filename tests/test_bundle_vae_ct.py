@@ -250,6 +250,7 @@ def test_generated_pairs_keep_the_mask_geometry_hu_and_label(trained, subvolumes
         assert sidecar["synthetic"] is True and sidecar["checkpoint_sha256"] == checkpoint_sha
         assert sidecar["version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
         assert sidecar["seed"] == 100_000 * sidecar["mask_index"] + sidecar["sample"]  # the documented seed, seed=0
+        assert sidecar["precision"] == "fp32" and sidecar["precision_details"]["requested"] == "fp32"  # the default
     first, second = datalist["training"][0], datalist["training"][1]
     assert not np.array_equal(
         np.asarray(nib.load(tmp_path / first["image"]).dataobj),
@@ -277,6 +278,62 @@ def test_inference_is_reproducible_and_resizes_back_to_other_mask_grids(trained,
         np.testing.assert_allclose(image.affine, mask.affine, atol=1e-5)
         again = nib.load(tmp_path / "again" / entry["image"])
         np.testing.assert_array_equal(np.asarray(image.dataobj), np.asarray(again.dataobj))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# precision (issue 16): one switch, recorded in the training folder and in every synthetic file
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bf16_training_records_its_precision_and_saves_the_bare_network(subvolumes, tmp_path, family):
+    """``precision bf16`` trains (emulated and slow on a CPU without AVX512-BF16: tiny sizes), writes
+    ``precision.json``, saves weights that load into the bare ``network_def``, and its samples say bf16."""
+    ckpt = tmp_path / "models"
+    overrides = {**TINY_NET, **TINY_TRAIN, "max_epochs": 1, "precision": "bf16", "dataset_dir": str(subvolumes)}
+    overrides.update({"ckpt_dir": str(ckpt), "output_dir": str(tmp_path / "eval")})
+    workflow = run_workflow(BUNDLE, FAMILIES[family], "train", overrides=overrides)
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 1
+    if family == "vae":  # MONAI's SupervisedTrainer calls the wrapped network, whose forward autocasts
+        assert type(workflow.parser.get_parsed_content("network")).__name__ == "AutocastNetwork"
+    else:  # the adversarial trainer autocasts both networks itself
+        with trainer._autocast(trainer):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    record = json.loads((ckpt / "precision.json").read_text())
+    assert record["precision"] == "bf16" and record["requested"] == "bf16" and record["runs"][0]["epoch"] == 0
+    networks = load_bundle_module("networks")
+    target = json.loads((BUNDLE / FAMILIES[family][-1]).read_text()).get("network_def", {}).get("_target_")
+    target = (target or "scripts.networks.ConditionalVAE").rsplit(".", 1)[-1]
+    sizes = {key: value for key, value in TINY_NET.items() if not key.startswith("_meta_")}
+    bare = getattr(networks, target)(**_network_arguments(FAMILIES[family], sizes))
+    weights = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    assert set(weights) == set(bare.state_dict())  # no wrapper prefix in the checkpoint
+    bare.load_state_dict(weights, strict=True)
+    _run_inference(family, {family: ckpt}, subvolumes, tmp_path / "synthetic", {"num_samples": 1, "precision": "bf16"})
+    sidecars = [json.loads(p.read_text()) for p in (tmp_path / "synthetic").glob("*_image.json")]
+    assert sidecars and all(
+        s["precision"] == "bf16" and s["precision_details"]["precision"] == "bf16" for s in sidecars
+    )
+
+
+@pytest.mark.parametrize(
+    "configs, workflow_type", [(FAMILIES["gan"], "train"), (INFERENCE["vae"], "infer")], ids=["train_gan", "inference"]
+)
+def test_an_unknown_precision_fails_naming_it(tmp_path, configs, workflow_type):
+    overrides = {
+        "precision": "fp8",
+        "dataset_dir": str(tmp_path),
+        "ckpt_dir": str(tmp_path),
+        "output_dir": str(tmp_path),
+    }
+    with pytest.raises(Exception) as raised:  # MONAI wraps errors of a config expression in a RuntimeError
+        run_workflow(BUNDLE, configs, workflow_type, overrides=overrides, logging_file=False)
+    cause = raised.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, ValueError) and "precision 'fp8'" in str(cause) and "bf16" in str(cause), cause
+    assert not (tmp_path / "precision.json").exists()
 
 
 def test_sample_seeds_follow_the_documented_rule():

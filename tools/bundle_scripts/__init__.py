@@ -10,10 +10,10 @@ from pathlib import Path
 SOURCE_DIR = Path(__file__).resolve().parent
 #: Which vendored modules each bundle carries.
 VENDORED = {
-    "seg_unet3d": ("checkpointing.py", "config_check.py", "validation.py"),
-    "vae_ct": ("checkpointing.py", "config_check.py", "provenance.py", "validation.py"),
-    "ldm_abdomen": ("checkpointing.py", "config_check.py", "provenance.py", "validation.py"),
-    "difftumor": ("checkpointing.py", "config_check.py", "provenance.py", "validation.py"),
+    "seg_unet3d": ("checkpointing.py", "config_check.py", "precision.py", "validation.py"),
+    "vae_ct": ("checkpointing.py", "config_check.py", "precision.py", "provenance.py", "validation.py"),
+    "ldm_abdomen": ("checkpointing.py", "config_check.py", "precision.py", "provenance.py", "validation.py"),
+    "difftumor": ("checkpointing.py", "config_check.py", "precision.py", "provenance.py", "validation.py"),
 }
 
 

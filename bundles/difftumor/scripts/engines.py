@@ -36,6 +36,7 @@ from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
 from .networks import codebook_range, normalize_latent
+from .precision import autocast, grad_scaler
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ class VQGANTrainer(Trainer):
         adversarial_loss: ``PatchAdversarialLoss`` (hinge by default, ``least_squares`` works too).
         perceptual_loss: optional callable ``(fake, real) -> loss`` (``SlicePerceptualLoss``), off by default.
         gradient_clip: max gradient norm of the autoencoder step (the reference's 1.0), ``None`` = no clipping.
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``auto`` (``scripts/precision.py``): autocast of the forward
+            passes on the run's device, gradient scalers for fp16 only; network outputs are cast to float32 before
+            the losses, and the codebook lookup runs in float32 (:class:`~.networks.DiffTumorVQVAE`).
     """
 
     def __init__(
@@ -103,10 +107,9 @@ class VQGANTrainer(Trainer):
         additional_metrics: dict | None = None,
         metric_cmp_fn: Callable = default_metric_cmp_fn,
         train_handlers: Sequence | None = None,
-        amp: bool = False,
+        precision: str = "fp32",
         decollate: bool = False,
         to_kwargs: dict | None = None,
-        amp_kwargs: dict | None = None,
     ):
         super().__init__(
             device=device,
@@ -121,10 +124,9 @@ class VQGANTrainer(Trainer):
             additional_metrics=additional_metrics,
             metric_cmp_fn=metric_cmp_fn,
             handlers=train_handlers,
-            amp=amp,
+            amp=False,  # MONAI's amp is CUDA fp16 only; this trainer autocasts itself (``precision``)
             decollate=decollate,
             to_kwargs=to_kwargs,
-            amp_kwargs=amp_kwargs,
         )
         self.network = network
         self.optimizer = optimizer
@@ -140,16 +142,16 @@ class VQGANTrainer(Trainer):
         self.discriminator_start = int(discriminator_start)
         self.gradient_clip = gradient_clip
         self.inferer = SimpleInferer() if inferer is None else inferer
-        use_scaler = bool(amp) and torch.device(device).type == "cuda"
-        self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.d_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.precision = precision
+        self.g_scaler = grad_scaler(precision, device)
+        self.d_scaler = grad_scaler(precision, device)
 
     def adversarial_active(self, iteration: int) -> bool:
         """Whether the discriminators take part at this (1-based) iteration: from ``discriminator_start`` on."""
         return iteration - 1 >= self.discriminator_start
 
     def _autocast(self):
-        return torch.autocast(torch.device(self.state.device).type, enabled=self.amp, **self.amp_kwargs)
+        return autocast(self.precision, self.state.device)
 
     def _iteration(self, engine: "VQGANTrainer", batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         if batchdata is None:
@@ -165,28 +167,29 @@ class VQGANTrainer(Trainer):
         engine.optimizer.zero_grad(set_to_none=True)
         with engine._autocast():
             recon, quantization_loss = engine.inferer(images, engine.network, return_quantization_loss=True)
+            recon, quantization_loss = recon.float(), quantization_loss.float()
             output[Keys.PRED] = recon
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             recon_loss = F.l1_loss(recon.float(), images.float()) * engine.l1_weight
             loss = recon_loss + quantization_loss
             perceptual = recon_loss.new_zeros(())
             if engine.perceptual_loss is not None and engine.perceptual_weight > 0:
-                perceptual = engine.perceptual_loss(recon.float(), images.float()) * engine.perceptual_weight
+                perceptual = engine.perceptual_loss(recon.float(), images.float()).float() * engine.perceptual_weight
                 loss = loss + perceptual
             generator_loss = recon_loss.new_zeros(())
             matching = recon_loss.new_zeros(())
             if active:
                 index = torch.randint(0, images.shape[-1], (images.shape[0],), device=images.device)
                 real_slices, fake_slices = random_axial_slices(images, index), random_axial_slices(recon, index)
-                fake_3d = engine.discriminator_3d(recon.float().contiguous())
-                fake_2d = engine.discriminator_2d(fake_slices.float().contiguous())
+                fake_3d = [f.float() for f in engine.discriminator_3d(recon.float().contiguous())]
+                fake_2d = [f.float() for f in engine.discriminator_2d(fake_slices.float().contiguous())]
                 generator_loss = engine.adversarial_weight * (
                     engine.adversarial_loss(fake_3d[-1], target_is_real=True, for_discriminator=False)
                     + engine.adversarial_loss(fake_2d[-1], target_is_real=True, for_discriminator=False)
                 )
                 with torch.no_grad():
-                    real_3d = engine.discriminator_3d(images.float().contiguous())
-                    real_2d = engine.discriminator_2d(real_slices.float().contiguous())
+                    real_3d = [f.float() for f in engine.discriminator_3d(images.float().contiguous())]
+                    real_2d = [f.float() for f in engine.discriminator_2d(real_slices.float().contiguous())]
                 matching = engine.feature_matching_weight * (
                     feature_matching(fake_3d, real_3d) + feature_matching(fake_2d, real_2d)
                 )
@@ -214,9 +217,9 @@ class VQGANTrainer(Trainer):
             ):
                 with engine._autocast():
                     part = 0.5 * engine.adversarial_weight * (
-                        engine.adversarial_loss(engine.discriminator_3d(volume.float().contiguous())[-1],
+                        engine.adversarial_loss(engine.discriminator_3d(volume.float().contiguous())[-1].float(),
                                                 target_is_real=target_is_real, for_discriminator=True)
-                        + engine.adversarial_loss(engine.discriminator_2d(slices.float().contiguous())[-1],
+                        + engine.adversarial_loss(engine.discriminator_2d(slices.float().contiguous())[-1].float(),
                                                   target_is_real=target_is_real, for_discriminator=True)
                     )  # fmt: skip
                 engine.d_scaler.scale(part).backward()

@@ -23,13 +23,17 @@ class DiffTumorVQVAE(VQVAE):
     """``monai.networks.nets.VQVAE`` whose ``forward`` returns the reconstruction alone (same ``state_dict``).
 
     ``forward(x, return_quantization_loss=True)`` returns ``(reconstruction, quantization_loss)`` as VQVAE does;
-    the training engine calls it that way so a DDP wrapper still sees a ``forward`` call.
+    the training engine calls it that way so a DDP wrapper still sees a ``forward`` call. Under autocast the encoder
+    and decoder run in the autocast dtype, the quantizer in float32: MONAI's quantizer switches off only CUDA
+    autocast, and in bf16 on a CPU its codebook distances would pick other codes and its EMA update lose precision.
     """
 
     def forward(  # type: ignore[override]
         self, images: torch.Tensor, return_quantization_loss: bool = False
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        quantizations, quantization_losses = self.quantize(self.encode(images))
+        encodings = self.encode(images)
+        with torch.autocast(encodings.device.type, enabled=False):
+            quantizations, quantization_losses = self.quantize(encodings.float())
         reconstruction = self.decode(quantizations)
         if return_quantization_loss:
             return reconstruction, quantization_losses

@@ -41,6 +41,7 @@ from scipy import ndimage
 
 from .masks import EARLY_CLASSES, TumorMaskGenerator, voxel_spacing
 from .networks import DiffTumorVQVAE, codebook_range, denormalize_latent, nearest_codes, normalize_latent
+from .precision import DTYPES, AutocastNetwork, autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +266,9 @@ class DiffTumorSynthesis:
         decode_margin: latent voxels of context around the blend region when decoding a window of the latent (the
             decoder only runs where its output is used); ``None`` decodes the whole crop.
         channels_last: run the autoencoder channels-last (faster 3D convolutions on CPU; same values).
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``auto`` (``scripts/precision.py``): autocast of the encoder, the
+            diffusion model and the decoder; the latent normalisation, the schedulers' steps, the codebook lookup
+            and the blend stay float32.
         device: where the models run.
     """
 
@@ -293,6 +297,7 @@ class DiffTumorSynthesis:
         decode_margin: int | None = 4,
         channels_last: bool = True,
         init_seed: int = 0,
+        precision: str = "fp32",
         device: str | torch.device = "cpu",
     ):
         self.specs = {"autoencoder": autoencoder, "diffusion_early": diffusion_early, "diffusion_late": diffusion_late}
@@ -324,6 +329,7 @@ class DiffTumorSynthesis:
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.init_seed = int(init_seed)
         self.device = torch.device(device)
+        self.precision = precision
         self._models: dict[str, torch.nn.Module] | None = None
         self._weights: dict[str, str] = {}
         self.last_timings: dict[str, float] = {}
@@ -458,13 +464,18 @@ class DiffTumorSynthesis:
         autoencoder = models["autoencoder"]
         value_range = codebook_range(autoencoder)
         masked = (image * (1.0 - mask)).contiguous(memory_format=self.memory_format)
-        masked_latent = normalize_latent(autoencoder.encode(masked).contiguous(), value_range)
+        with autocast(self.precision, self.device):
+            encoded = autoencoder.encode(masked)
+        masked_latent = normalize_latent(encoded.float().contiguous(), value_range)
         latent_mask = F.interpolate(mask * 2.0 - 1.0, size=masked_latent.shape[2:], mode="nearest")
         condition = torch.cat([masked_latent, latent_mask], dim=1)
         lap("encode")
 
         inferer = self.early_inferer if early else self.late_inferer
         model = models["diffusion_early" if early else "diffusion_late"]
+        resolved = resolve_precision(self.precision, self.device)
+        if resolved != "fp32":  # autocast around the network only: the scheduler's steps see float32 outputs
+            model = AutocastNetwork(model, self.device.type, DTYPES[resolved])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             noise = torch.randn(masked_latent.shape, device=self.device)
@@ -481,7 +492,8 @@ class DiffTumorSynthesis:
         for low, high, members in windows:
             window = latent[(slice(None), slice(None), *(slice(int(a), int(b)) for a, b in zip(low, high)))]
             quantized = nearest_codes(autoencoder, denormalize_latent(window, value_range))
-            decoded = autoencoder.decode(quantized.contiguous(memory_format=self.memory_format))
+            with autocast(self.precision, self.device):
+                decoded = autoencoder.decode(quantized.contiguous(memory_format=self.memory_format))
             decoded = decoded[0, 0].float().cpu().contiguous().numpy()
             local = coords[members] - low * self.latent_factor
             if crop.offset is not None:  # aligned: crop voxels are scan voxels
@@ -507,5 +519,6 @@ class DiffTumorSynthesis:
             "crop_size": list(crop.size),
             "decoded_latent_voxels": int(sum(np.prod(high - low) for low, high, _ in windows)),
             "weights": dict(self._weights),
+            "precision": resolved,
         }
         return region, values.astype(np.float32), info

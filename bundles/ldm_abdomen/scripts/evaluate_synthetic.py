@@ -12,7 +12,8 @@ real data set of the same crop (a folder made by ``tools data prepare``, in HU),
   the synthetic scans the pancreas of the ControlNet's label and the pancreas that seg_unet3d finds;
 * whether the seg_unet3d bundle (``--seg_bundle_dir`` with ``models/model.pt``; loaded through ``monai.bundle``)
   finds a pancreas in each synthetic scan (volume >= ``min_pancreas_ml``), and its Dice with the ControlNet label;
-  skipped with a message when that bundle or its weights are absent;
+  skipped with a message when that bundle or its weights are absent; ``precision`` (default ``fp32``) is the
+  precision it runs in (``scripts/precision.py``), recorded in the report;
 * a montage PNG per crop mode (axial, coronal, sagittal mid slices of real and synthetic cases) and one PNG of the
   histograms.
 
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from .latent import unwrap_state_dict
+from .precision import autocast_network, describe
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +165,11 @@ class PancreasFinder:
     """The seg_unet3d bundle's inference (preprocessing, inferer, network, ``models/model.pt``) run on a volume.
 
     ``__call__(path)`` returns the predicted pancreas mask (output channels whose ``channel_def`` name mentions the
-    pancreas or a tumour) on the preprocessed grid, and that grid's voxel volume in ml.
+    pancreas or a tumour) on the preprocessed grid, and that grid's voxel volume in ml. The network runs in
+    ``precision`` (``scripts/precision.py``; its outputs are float32).
     """
 
-    def __init__(self, bundle_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+    def __init__(self, bundle_dir: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "fp32"):
         from monai.bundle import ConfigParser
 
         self.root = Path(bundle_dir).resolve()
@@ -189,6 +192,7 @@ class PancreasFinder:
             self.inferer = parser.get_parsed_content("inferer")
         state = torch.load(self.root / "models" / "model.pt", map_location=self.device, weights_only=True)
         self.network.load_state_dict(unwrap_state_dict(state, str(self.root / "models" / "model.pt")))
+        self.network = autocast_network(self.network, precision, self.device)
 
     @torch.no_grad()
     def __call__(self, image_path: str | os.PathLike) -> tuple[np.ndarray, float]:
@@ -217,7 +221,9 @@ class PancreasFinder:
         return mask, voxel_ml
 
 
-def load_pancreas_finder(seg_bundle_dir: str | os.PathLike | None) -> tuple[PancreasFinder | None, str]:
+def load_pancreas_finder(
+    seg_bundle_dir: str | os.PathLike | None, precision: str = "fp32"
+) -> tuple[PancreasFinder | None, str]:
     """The finder, or None and the reason it is skipped (no bundle, no weights)."""
     if not seg_bundle_dir:
         return None, "no seg_bundle_dir given"
@@ -226,7 +232,7 @@ def load_pancreas_finder(seg_bundle_dir: str | os.PathLike | None) -> tuple[Panc
         return None, f"{root}: no seg_unet3d bundle (configs/inference.json absent)"
     if not (root / "models" / "model.pt").is_file():
         return None, f"{root}: the seg_unet3d bundle has no trained weights (models/model.pt); train it first"
-    return PancreasFinder(root), f"seg_unet3d from {root}"
+    return PancreasFinder(root, precision=precision), f"seg_unet3d from {root}"
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -405,13 +411,15 @@ def evaluate_runs(
     seg_bundle_dir: str | os.PathLike | None = None,
     max_real: int = 8,
     min_pancreas_ml: float = 1.0,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Evaluate ``{mode: {"synthetic": folder, "real": folder}}``; write and return the report."""
+    """Evaluate ``{mode: {"synthetic": folder, "real": folder}}``; write and return the report (``precision``: what
+    seg_unet3d runs in)."""
     if not runs:
         raise ValueError("no runs given: pass {crop mode: {'synthetic': folder, 'real': folder}}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    finder, seg_note = load_pancreas_finder(seg_bundle_dir)
+    finder, seg_note = load_pancreas_finder(seg_bundle_dir, precision)
     if finder is None:
         logger.warning("pancreas detection skipped: %s", seg_note)
     modes, curves = {}, {}
@@ -421,6 +429,7 @@ def evaluate_runs(
         )
     report = {
         "seg_unet3d": seg_note if finder is not None else f"skipped: {seg_note}",
+        "precision": describe(precision, "cpu"),
         "body_threshold_hu": BODY_THRESHOLD_HU,
         "modes": modes,
         "histograms": str(histogram_figure(curves, output_dir / "histograms.png")),
@@ -467,13 +476,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seg_bundle_dir", default=str(Path(__file__).resolve().parents[2] / "seg_unet3d"))
     parser.add_argument("--max_real", type=int, default=8)
     parser.add_argument("--min_pancreas_ml", type=float, default=1.0)
+    parser.add_argument("--precision", default="fp32", help="seg_unet3d's precision: fp32, bf16 or auto")
     args = parser.parse_args(argv)
     runs = {}
     for spec in args.run:
         mode, _, paths = spec.partition("=")
         synthetic, _, real = paths.partition(",")
         runs[mode] = {"synthetic": synthetic, "real": real}
-    report = evaluate_runs(runs, args.output_dir, args.seg_bundle_dir, args.max_real, args.min_pancreas_ml)
+    report = evaluate_runs(
+        runs, args.output_dir, args.seg_bundle_dir, args.max_real, args.min_pancreas_ml, args.precision
+    )
     print(format_report(report))
     return report
 

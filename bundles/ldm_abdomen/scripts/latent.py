@@ -38,6 +38,7 @@ from torch import nn
 
 from .checkpointing import atomic_torch_save
 from .networks import LatentDecoder
+from .precision import autocast
 from .provenance import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -519,7 +520,14 @@ def save_weights(module: nn.Module, path: str | os.PathLike) -> Path:
 
 class ReconstructionInferer(Inferer):
     """``inferer(images, autoencoder)`` -> ``autoencoder.reconstruct(images)`` (decoded posterior mean), for
-    validating the autoencoder with MONAI's evaluator (``AutoencoderKL.forward`` returns a tuple)."""
+    validating the autoencoder with MONAI's evaluator (``AutoencoderKL.forward`` returns a tuple), under autocast of
+    ``precision`` (``scripts/precision.py``) on the inputs' device; the reconstruction is returned in float32."""
+
+    def __init__(self, precision: str = "fp32"):
+        super().__init__()
+        self.precision = precision
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return getattr(network, "module", network).reconstruct(inputs)
+        with autocast(self.precision, inputs.device):
+            reconstruction = getattr(network, "module", network).reconstruct(inputs)
+        return reconstruction.float()

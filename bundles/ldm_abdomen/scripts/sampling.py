@@ -25,6 +25,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 from torch import nn
 
 from .latent import LatentStats, decode_from_latent, objective_of
+from .precision import autocast
 from .provenance import bundle_identity, sha256_file
 
 #: Samplers and their default number of steps (DDPM: every training step; DDIM: the model zoo's 50).
@@ -158,6 +159,9 @@ class LatentSampler(Inferer):
     autoencoder's [0, 1] back to Hounsfield units through the training HU window. Stochastic steps (DDPM) draw
     their noise from a generator seeded with the batch's first seed. The diffusion model may be a plain
     ``DiffusionModelUNet`` or a :class:`~scripts.networks.ControlledDiffusionUNet` (then pass ``cn_cond``).
+    ``precision`` (``fp32``, ``bf16``, ``fp16`` or ``auto``; see ``scripts/precision.py``) autocasts the diffusion
+    model's and the decoder's forward passes; their outputs are cast to float32, so the schedulers' steps, the scale
+    factor and the HU mapping stay in float32.
     """
 
     def __init__(
@@ -169,6 +173,7 @@ class LatentSampler(Inferer):
         decode_inferer: Inferer | None = None,
         eta: float = 0.0,
         check_objective: bool = True,
+        precision: str = "fp32",
     ):
         super().__init__()
         self.latent_stats = latent_stats
@@ -178,6 +183,7 @@ class LatentSampler(Inferer):
         self.decode_inferer = decode_inferer
         self.eta = eta
         self.check_objective = check_objective
+        self.precision = precision
         if objective_of(scheduler) == "rflow" and self.sampler != "rflow":
             raise ValueError(f"sampler {self.sampler!r} with an RFlowScheduler: use sampler 'rflow'")
 
@@ -206,7 +212,9 @@ class LatentSampler(Inferer):
         x = noise
         for t, t_next in zip(timesteps, following):
             t_batch = torch.full((x.shape[0],), t.item(), device=x.device, dtype=timesteps.dtype)
-            model_output = network(x, t_batch, **extra)
+            with autocast(self.precision, x.device):
+                model_output = network(x, t_batch, **extra)
+            model_output = model_output.float()
             if isinstance(self.scheduler, RFlowScheduler):
                 x, _ = self.scheduler.step(model_output, t, x, t_next)
             elif isinstance(self.scheduler, DDIMScheduler):
@@ -234,7 +242,8 @@ class LatentSampler(Inferer):
             generator = torch.Generator(device=inputs.device).manual_seed(int(seeds[0]))
         latents = self.sample_latents(inputs, network, generator, cn_cond)
         autoencoder = self.latent_stats.autoencoder
-        image = decode_from_latent(autoencoder, latents, self.latent_stats.scale_factor, self.decode_inferer)
+        with autocast(self.precision, latents.device):  # the division by the scale factor is float32 under it
+            image = decode_from_latent(autoencoder, latents, self.latent_stats.scale_factor, self.decode_inferer)
         image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
         hu = self.to_hu(image.float()).cpu()
         if affine is None:

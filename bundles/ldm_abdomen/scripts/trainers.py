@@ -23,6 +23,8 @@ from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.losses import PatchAdversarialLoss
 from torch import nn
 
+from .precision import autocast, grad_scaler
+
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) summed over channels and voxels, averaged over the batch."""
@@ -100,13 +102,14 @@ class AutoencoderGanLoss:
         z_sigma: torch.Tensor,
         discriminator: nn.Module | None,
     ) -> dict[str, torch.Tensor]:
+        z_mu, z_sigma = z_mu.float(), z_sigma.float()  # the losses stay float32 under autocast
         terms = {"recon_loss": self.l1(reconstruction.float(), images.float()), "kl_loss": kl_divergence(z_mu, z_sigma)}
         total = terms["recon_loss"] + self.kl_weight * terms["kl_loss"]
         if self.perceptual_weight:
-            terms["perceptual_loss"] = self.perceptual_loss(reconstruction.float(), images.float())
+            terms["perceptual_loss"] = self.perceptual_loss(reconstruction.float(), images.float()).float()
             total = total + self.perceptual_weight * terms["perceptual_loss"]
         if discriminator is not None and self.adversarial_weight:
-            logits = discriminator(reconstruction.contiguous().float())[-1]
+            logits = discriminator(reconstruction.contiguous().float())[-1].float()
             terms["adv_loss"] = self.adversarial(logits, target_is_real=True, for_discriminator=False)
             total = total + self.adversarial_weight * terms["adv_loss"]
         terms["g_loss"] = total
@@ -115,8 +118,8 @@ class AutoencoderGanLoss:
     def discriminator(
         self, reconstruction: torch.Tensor, images: torch.Tensor, discriminator: nn.Module
     ) -> torch.Tensor:
-        fake = discriminator(reconstruction.contiguous().detach().float())[-1]
-        real = discriminator(images.contiguous().detach().float())[-1]
+        fake = discriminator(reconstruction.contiguous().detach().float())[-1].float()
+        real = discriminator(images.contiguous().detach().float())[-1].float()
         loss = 0.5 * (
             self.adversarial(fake, target_is_real=False, for_discriminator=True)
             + self.adversarial(real, target_is_real=True, for_discriminator=True)
@@ -130,7 +133,9 @@ class AutoencoderGanTrainer(Trainer):
     The adversarial terms start at epoch ``adversarial_start_epoch`` (the autoencoder learns to reconstruct first;
     0 = from the start as in the model zoo). ``engine.state.output`` is a dict with ``image``, ``pred`` (the
     reconstruction), ``loss`` (= ``g_loss``, what loss handlers and the NaN stop read), ``g_loss``, ``d_loss`` and
-    the separate terms. Mixed precision uses ``torch.autocast(device.type)`` and a gradient scaler on CUDA only.
+    the separate terms. ``precision`` (``fp32``, ``bf16``, ``fp16`` or ``auto``; see ``scripts/precision.py``)
+    autocasts the forward passes of both networks on the run's device, with gradient scalers for fp16 only; the
+    network outputs are cast to float32 before the losses.
     """
 
     def __init__(
@@ -150,7 +155,7 @@ class AutoencoderGanTrainer(Trainer):
         key_train_metric: dict | None = None,
         additional_metrics: dict | None = None,
         train_handlers: Sequence | None = None,
-        amp: bool = False,
+        precision: str = "fp32",
         optim_set_to_none: bool = False,
     ):
         super().__init__(
@@ -163,7 +168,7 @@ class AutoencoderGanTrainer(Trainer):
             key_metric=key_train_metric,
             additional_metrics=additional_metrics,
             handlers=train_handlers,
-            amp=False,  # MONAI's Trainer.run would build a CUDA-only GradScaler; this class handles mixed precision
+            amp=False,  # MONAI's Trainer.run would build a CUDA-only GradScaler; this class handles ``precision``
             decollate=False,
         )
         self.autoencoder = autoencoder
@@ -172,24 +177,22 @@ class AutoencoderGanTrainer(Trainer):
         self.d_optimizer = d_optimizer
         self.loss = loss
         self.adversarial_start_epoch = int(adversarial_start_epoch)
-        self.use_amp = bool(amp)
+        self.precision = precision
         self.optim_set_to_none = optim_set_to_none
-        device_type = torch.device(device).type
-        self.g_scaler = torch.amp.GradScaler(device_type, enabled=self.use_amp and device_type == "cuda")
-        self.d_scaler = torch.amp.GradScaler(device_type, enabled=self.use_amp and device_type == "cuda")
+        self.g_scaler = grad_scaler(precision, device)
+        self.d_scaler = grad_scaler(precision, device)
 
     def _iteration(self, engine: "AutoencoderGanTrainer", batchdata: Any) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         images = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[0]
-        device_type = torch.device(engine.state.device).type
         adversarial = engine.state.epoch > engine.adversarial_start_epoch
         engine.autoencoder.train()
         engine.discriminator.train()
 
         engine.g_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type, enabled=engine.use_amp):
-            reconstruction, z_mu, z_sigma = engine.autoencoder(images)
+        with autocast(engine.precision, engine.state.device):
+            reconstruction, z_mu, z_sigma = (output.float() for output in engine.autoencoder(images))
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             terms = engine.loss.generator(
                 reconstruction, images, z_mu, z_sigma, engine.discriminator if adversarial else None
@@ -203,7 +206,7 @@ class AutoencoderGanTrainer(Trainer):
         d_loss = torch.zeros((), device=images.device)
         if adversarial and engine.loss.adversarial_weight:
             engine.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-            with torch.autocast(device_type, enabled=engine.use_amp):
+            with autocast(engine.precision, engine.state.device):
                 d_loss = engine.loss.discriminator(reconstruction, images, engine.discriminator)
             engine.d_scaler.scale(d_loss).backward()
             engine.d_scaler.step(engine.d_optimizer)

@@ -11,9 +11,9 @@ Why this is not plain MONAI:
   latents, never the batch, so it cannot be given the mask, and it has no reconstruction term), and its
   ``AdversarialTrainer`` passes the generator's extra arguments to the discriminator, expects the generator to
   return one tensor (a VAE returns ``(recon, mu, logvar)``), has no KL term, no gradient clipping, no adversarial
-  warm-up, and autocasts with a hard-coded ``"cuda"``. This trainer is a MONAI ``Trainer`` (same handlers, metrics,
-  events, ``state_dict`` for resuming) whose iteration does one conditional GAN step; it serves the VAE-GAN
-  (``mode="vae"``) and the GAN (``mode="gan"``).
+  warm-up, and autocasts with a hard-coded ``"cuda"`` (no bf16 on a CPU). This trainer is a MONAI ``Trainer``
+  (same handlers, metrics, events, ``state_dict`` for resuming) whose iteration does one conditional GAN step; it
+  serves the VAE-GAN (``mode="vae"``) and the GAN (``mode="gan"``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch
 from monai.engines import Trainer
 from monai.engines.utils import default_metric_cmp_fn
 from monai.inferers import Inferer, SimpleInferer
+
+from .precision import autocast, grad_scaler
 
 
 def _to(value: Any, device: Any, non_blocking: bool, **kwargs: Any) -> Any:
@@ -98,8 +100,10 @@ class ConditionalAdversarialTrainer(Trainer):
 
     Stability: ``adversarial_loss`` is MONAI's ``PatchAdversarialLoss`` (least squares or hinge in the configs),
     gradients of both networks are clipped to ``grad_clip_norm`` (None: off), the adversarial term starts at
-    ``adv_start_epoch`` (a VAE warm-up), mixed precision uses ``torch.autocast(device.type)`` with one gradient
-    scaler per network, and the output's ``loss`` (``g_loss + d_loss``) feeds ``StopOnNonFiniteLoss``.
+    ``adv_start_epoch`` (a VAE warm-up), and the output's ``loss`` (``g_loss + d_loss``) feeds
+    ``StopOnNonFiniteLoss``. ``precision`` (``fp32``, ``bf16``, ``fp16`` or ``auto``; see ``scripts/precision.py``)
+    autocasts both networks' forward passes on the run's device, with one gradient scaler per network for fp16;
+    network outputs are cast to float32 before every loss, so the losses are computed in float32.
 
     The output dict has ``image``, ``label`` (the mask), ``pred`` (the detached fake), ``loss``, ``g_loss``,
     ``d_loss``, ``adv_loss`` (the generator's adversarial term) and ``recon_loss`` (the weighted generator loss).
@@ -132,11 +136,10 @@ class ConditionalAdversarialTrainer(Trainer):
         additional_metrics: dict | None = None,
         metric_cmp_fn: Callable = default_metric_cmp_fn,
         train_handlers: Sequence | None = None,
-        amp: bool = False,
+        precision: str = "fp32",
         decollate: bool = False,
         optim_set_to_none: bool = False,
         to_kwargs: dict | None = None,
-        amp_kwargs: dict | None = None,
     ) -> None:
         if mode not in ("vae", "gan"):
             raise ValueError(f"mode must be 'vae' or 'gan', got {mode!r}")
@@ -155,10 +158,9 @@ class ConditionalAdversarialTrainer(Trainer):
             additional_metrics=additional_metrics,
             metric_cmp_fn=metric_cmp_fn,
             handlers=train_handlers,
-            amp=amp,
+            amp=False,  # MONAI's amp is CUDA fp16 only; this trainer autocasts itself (``precision``)
             decollate=decollate,
             to_kwargs=to_kwargs,
-            amp_kwargs=amp_kwargs,
         )
         self.g_network = g_network
         self.g_optimizer = g_optimizer
@@ -174,13 +176,12 @@ class ConditionalAdversarialTrainer(Trainer):
         self.grad_clip_norm = grad_clip_norm
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.optim_set_to_none = optim_set_to_none
-        device_type = torch.device(device).type
-        self.g_scaler = torch.amp.GradScaler(device_type, enabled=amp)
-        self.d_scaler = torch.amp.GradScaler(device_type, enabled=amp)
+        self.precision = precision
+        self.g_scaler = grad_scaler(precision, device)
+        self.d_scaler = grad_scaler(precision, device)
 
     def _autocast(self, engine: ConditionalAdversarialTrainer) -> Any:
-        device = torch.device(engine.state.device)
-        return torch.autocast(device.type, enabled=bool(engine.amp), **(engine.amp_kwargs or {}))
+        return autocast(engine.precision, engine.state.device)
 
     def _update(self, loss: torch.Tensor, network: torch.nn.Module, optimizer: Any, scaler: Any) -> None:
         scaler.scale(loss).backward()
@@ -203,11 +204,11 @@ class ConditionalAdversarialTrainer(Trainer):
 
         with engine._autocast(engine):
             if engine.mode == "vae":
-                pred = engine.inferer(image, g, mask)
+                pred = tuple(output.float() for output in engine.inferer(image, g, mask))
                 fake = pred[0]
             else:
                 noise = torch.randn(image.shape[0], int(engine.latent_size), device=image.device)
-                pred = engine.inferer(mask, g, noise)
+                pred = engine.inferer(mask, g, noise).float()
                 fake = pred
 
         d_loss = torch.zeros((), device=image.device)

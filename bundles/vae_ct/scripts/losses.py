@@ -48,6 +48,6 @@ class CVAELoss(nn.Module):
     def forward(self, pred: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         recon, mu, logvar = pred[0], pred[1], pred[2]
         recon_term = self.recon(recon.float(), target.float())
-        kl_term = self.kl(mu, logvar)
+        kl_term = self.kl(mu.float(), logvar.float())  # float32 under autocast too
         self.last_terms = {"recon": float(recon_term.detach()), "kl": float(kl_term.detach())}
         return self.recon_weight * recon_term + self.kl_weight * kl_term
