@@ -1,9 +1,17 @@
-"""The ``--smoke`` flag of the benchmark scripts (benchmarks/smoke.py); the docs test runs the scripts themselves."""
+"""The ``--smoke`` flag of the benchmark scripts (benchmarks/smoke.py); the docs test runs the scripts themselves.
+
+benchmarks/cpu_speed.py has its timing logic tested here too, and its smoke run (slow); so has
+benchmarks/generator_quality.py its bars (at their limits) and its smoke run for each generator (slow).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +60,191 @@ def test_a_misspelt_smoke_setting_is_refused():
     smoke = load_smoke()
     with pytest.raises(ValueError, match=r"\['epoch'\]"):
         smoke.parse_args_with_smoke(benchmark_parser(), {"epoch": 1}, ["--smoke"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/cpu_speed.py (issue 16): interleaved timing, and its smoke run
+
+
+def load_cpu_speed():
+    benchmarks = str(SMOKE_MODULE.parent)
+    sys.path.insert(0, benchmarks)  # the script imports its sibling ``smoke``
+    try:
+        spec = importlib.util.spec_from_file_location("benchmarks_cpu_speed", SMOKE_MODULE.parent / "cpu_speed.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(benchmarks)
+    return module
+
+
+def test_interleaving_alternates_the_paths_and_stops_repeating_a_slow_one():
+    cpu_speed = load_cpu_speed()
+    calls = []
+    fast = cpu_speed.TimedPath("fast", lambda: calls.append("fast"))
+    slow = cpu_speed.TimedPath("slow", lambda: (calls.append("slow"), time.sleep(0.06)))
+    cpu_speed.interleave([fast, slow], rounds=3, max_step_seconds=0.05, interrupt=False)
+    # warm-ups, then A B A B ...; the slow path's warm-up is over the limit: one timed step only
+    assert calls == ["fast", "slow", "fast", "slow", "fast", "fast"]
+    assert len(fast.seconds) == 3 and len(slow.seconds) == 1 and slow.stopped
+    assert cpu_speed.ratio(slow, fast) > 1
+
+
+def test_a_step_past_the_limit_is_interrupted_and_bounds_the_ratio():
+    cpu_speed = load_cpu_speed()
+    fp32 = cpu_speed.TimedPath("fp32", lambda: time.sleep(0.01))
+    bf16 = cpu_speed.TimedPath("bf16", lambda: time.sleep(5))
+    started = time.perf_counter()
+    cpu_speed.interleave([fp32, bf16], rounds=4, max_step_seconds=0.2, interrupt=True)
+    assert time.perf_counter() - started < 2
+    assert bf16.failed and bf16.median is None and len(fp32.seconds) == 1  # one round gives the bound
+    assert cpu_speed.ratio(fp32, bf16) is None
+    assert cpu_speed.ratio_bound(fp32, bf16) == pytest.approx(fp32.median / 0.2)
+    assert "ratio fp32 / bf16 = < " in cpu_speed.describe_pair("step", fp32, bf16)
+
+
+@pytest.mark.slow
+def test_cpu_speed_smoke_run_prints_every_ratio_and_a_conclusion_per_bundle(tmp_path):
+    script = SMOKE_MODULE.parent / "cpu_speed.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "cpu_speed.json").read_text())
+    assert set(report["conclusions"]) == {"seg_unet3d", "vae_ct", "ldm_abdomen", "difftumor"}
+    for pair in ("precision", "flush_denormal", "channels_last_3d"):
+        assert report["seg"][pair]["ratio"] > 0
+    assert report["seg"]["achieved"]["fp32"]["gflops"] > 0 and report["matmul_peak_gflops"]["fp32"] > 0
+    rows = {(row["bundle"], row["step"]): row for row in report["generators"]}
+    assert len(rows) == 7 and all(row["ratio"] > 0 for row in rows.values())
+    assert f"resolve_precision('auto', 'cpu') = '{report['cpu']['auto_resolves_to']}'" in done.stdout
+    assert done.stdout.count("bf16 helps (ratio >= 1.2): ") == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/generator_quality.py (issue 14's quality bars)
+
+BENCHMARKS = SMOKE_MODULE.parent
+
+
+def load_generator_quality(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its sibling smoke.py
+    spec = importlib.util.spec_from_file_location("benchmarks_generator_quality", BENCHMARKS / "generator_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def quality_inputs(**changes):
+    """Numbers of one seed that meet every bar exactly at its limit (:func:`bars`' arguments); ``changes`` replace
+    some."""
+    judge = {"metrics": {"pancreas_dice": 0.5}}  # 0.9 x 0.5 = 0.45 exactly in floating point
+    real = {"median_hu_body": 20.0, "gradient_hu_per_voxel": 100.0, "difference_between_patients_hu": 80.0}
+    evaluation = {"pancreas_dice_to_synthetic_label": 0.45, "median_hu_pancreas_synthetic": 125.0,
+                  "median_hu_pancreas_real": 100.0, "hist_wasserstein_hu": 40.0, "frechet_distance": 4.0,
+                  "memorization_max_ncc": 0.9}  # fmt: skip
+    measures = {"median_hu_body": -5.0, "gradient_hu_per_voxel": 70.0, "diversity_between_samples_hu": 20.0}
+    values = {"judge": judge, "real": real, "floor": {"frechet_distance": 1.0}, "ceiling": {"frechet_distance": 11.0},
+              "evaluation": evaluation, "measures": measures, "times": {"train_s": 600.0},
+              "autoencoder": {"autoencoder_mae_hu": 30.0, "noise_floor_mae_hu": 12.0}}  # fmt: skip
+    for key, value in changes.items():  # "group__name": one number of a group; "group": the whole group
+        group, _, name = key.partition("__")
+        values[group] = {**values[group], name: value} if name else value
+    return values
+
+
+def test_quality_bars_pass_at_their_limits_and_fail_beyond(monkeypatch):
+    quality = load_generator_quality(monkeypatch)
+    rows = quality.bars(0, **quality_inputs())
+    assert len(rows) == 10 and all(row["pass"] for row in rows), [r for r in rows if not r["pass"]]
+    # the Fréchet limit is floor + 0.3 x (ceiling - floor) = 1 + 0.3 x 10 = 4
+    assert "<= 4 (floor 1" in next(r for r in rows if r["bar"].startswith("Fréchet"))["required"]
+    misses = {
+        "evaluation__pancreas_dice_to_synthetic_label": ("judge's pancreas Dice to the mask", 0.449),
+        "evaluation__median_hu_pancreas_synthetic": ("median HU, pancreas label: synthetic vs real", 74.0),
+        "measures__median_hu_body": ("median HU, body: synthetic vs real", 46.0),
+        "evaluation__hist_wasserstein_hu": ("Wasserstein HU (body)", 40.5),
+        "evaluation__frechet_distance": ("Fréchet distance (judge's features)", 4.1),
+        "measures__gradient_hu_per_voxel": ("gradient magnitude inside the body (HU/voxel)", 69.0),
+        "measures__diversity_between_samples_hu": (
+            "diversity: mean difference of 2 samples of a mask, body (HU)",
+            19.9,
+        ),
+        "evaluation__memorization_max_ncc": ("max NCC to a training image", 0.95),
+        "autoencoder__autoencoder_mae_hu": ("autoencoder reconstruction MAE, held out, body (HU)", 30.5),
+        "times__train_s": ("training wall time, all stages (s)", 601.0),
+    }
+    for key, (bar, value) in misses.items():
+        failed = [r["bar"] for r in quality.bars(0, **quality_inputs(**{key: value})) if not r["pass"]]
+        assert failed == [bar], key
+    # a number that could not be measured (a set without body, no judge) fails its bar
+    failed = [
+        r["bar"] for r in quality.bars(0, **quality_inputs(evaluation__hist_wasserstein_hu=None)) if not r["pass"]
+    ]
+    assert failed == ["Wasserstein HU (body)"]
+    assert len(quality.bars(0, **quality_inputs(autoencoder=None))) == 9  # vae_ct: no autoencoder bar
+
+
+def test_untrained_settings_zero_every_learning_rate(monkeypatch):
+    quality = load_generator_quality(monkeypatch)
+    settings = {"vae": {"max_epochs": 40, "learning_rate": 1e-3}, "ldm_train": {"learning_rate": 1e-3},
+                "ldm_stage": {"autoencoder": {"learning_rate": 1e-3, "ae_patch_size": [16] * 3}},
+                "ldm_epochs": {"autoencoder": 50, "diffusion": 100, "controlnet": 30}}  # fmt: skip
+    vae = quality.untrained_settings(settings, "vae_ct", "vae")["vae"]
+    assert vae == {"max_epochs": 1, "learning_rate": 0.0}  # no d_learning_rate: configs/train.json has no such key
+    assert quality.untrained_settings(settings, "vae_ct", "gan")["vae"]["d_learning_rate"] == 0.0
+    ldm = quality.untrained_settings(settings, "ldm_abdomen", "ldm")
+    assert ldm["ldm_train"]["learning_rate"] == ldm["ldm_stage"]["autoencoder"]["learning_rate"] == 0.0
+    assert set(ldm["ldm_epochs"].values()) == {1} and settings["vae"]["max_epochs"] == 40  # a copy
+
+
+def test_phantom_twin_keeps_the_anatomy_and_changes_only_the_noise(monkeypatch, tmp_path):
+    import numpy as np
+
+    from tools.io import load_nifti
+    from tools.phantom import make_dataset
+    from tools.phantom.appearance import noise_sigma
+
+    quality = load_generator_quality(monkeypatch)
+    make_dataset(tmp_path, n_cases=2, seed=3, shape=(40, 40, 20), test_fraction=0.5, progress=False)
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    entry = meta["test"][0]
+    scan = Path(entry["image"]).name.split(".nii")[0]
+    twin, label = quality.render_with_other_noise(tmp_path, scan, 7)
+    original, affine = load_nifti(tmp_path / entry["image"])
+    assert np.array_equal(twin.label, label) and np.allclose(twin.affine, affine)
+    difference = twin.ct.astype(np.float64) - original
+    body = original > -500
+    sigma = noise_sigma(np.abs(np.diag(affine)[:3]))
+    # two independent draws of the phantom's noise: mean 0, standard deviation sqrt(2) sigma inside the body
+    assert abs(difference[body].mean()) < 0.2 * sigma
+    assert difference[body].std() == pytest.approx(np.sqrt(2) * sigma, rel=0.2)
+    again, _ = quality.render_with_other_noise(tmp_path, scan, 7)
+    assert np.array_equal(again.ct, twin.ct)  # seeded
+    import tools.phantom.case
+
+    assert tools.phantom.case.render is tools.phantom.appearance.render  # the phantom is left as it was
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generator", ["vae_ct", "ldm_abdomen"])
+def test_generator_quality_smoke_runs_every_step(generator, tmp_path):
+    """The documented command with --smoke: data, judge, both seeds in parallel processes, untrained ceiling, every
+    bar of every variant, montage, quality.md / .json; exit 0 (bars missed at smoke size are no error)."""
+    out = tmp_path / generator
+    command = [sys.executable, str(BENCHMARKS / "generator_quality.py"), "--generator", generator, "--smoke",
+               "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.stdout.splitlines()[0] == load_smoke().SMOKE_BANNER
+    report = json.loads((out / "quality.json").read_text())
+    variants = {"vae_ct": ["vae", "vaegan", "gan"], "ldm_abdomen": ["ldm"]}[generator]
+    assert list(report["results"]) == variants
+    per_seed = 10 if generator == "ldm_abdomen" else 9
+    for variant, outcome in report["results"].items():
+        assert outcome["error"] is None
+        assert [row["seed"] for row in outcome["rows"]] == ["-"] + [0] * per_seed + [1] * per_seed
+        assert Path(outcome["montage"]).is_file() and (out / f"montage_{variant}.png").is_file()
+        assert outcome["per_seed"]["0"]["times"]["torch_threads"] == 1
+    assert "| bar | seed | measured | required | pass |" in (out / "quality.md").read_text()

@@ -179,3 +179,15 @@ def test_two_processes_give_the_same_table_as_one(tmp_path):
     assert all(math.isfinite(float(r["pancreas_dice_mean"])) for r in rows)  # measured on the real test cases
     # every job trained and evaluated seg_unet3d (process 0 took seed 0 of each arm, process 1 seed 1)
     assert len(list((two / "tumor_size" / "jobs").glob("*/seed*/eval/summary.json"))) == 4
+
+
+def test_ldm_synthesis_gets_the_controlnet_network_keys_of_the_stage_but_not_its_training_keys():
+    """A recipe may give the ControlNet stage its own learning rate; inference must get the network keys only (the
+    inference configs define no learning rate and refuse unknown overrides)."""
+    from tools.bundle_scripts.config_check import check_overrides
+
+    settings = {"ldm_stage": {"controlnet": {"learning_rate": 5e-4, "conditioning_embedding_channels": [8, 16]}}}
+    keys = studies.ldm_controlnet_net(settings)
+    assert keys == {"conditioning_embedding_channels": [8, 16]}
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "ldm_abdomen" / "configs"
+    check_overrides([str(configs / "inference.json"), str(configs / "inference_controlnet.json")], list(keys))

@@ -477,8 +477,18 @@ def tumor_synthesis_transform(family: str, tumor_probs: Any, settings: Mapping[s
 # generative bundles: brief training and synthesis (the inputs of the ratio and crop-context studies)
 
 
-def train_vae(crops_split: Path, ckpt_dir: Path, settings: Mapping[str, Any], seed: int = 0) -> Path:
-    """vae_ct on 3D crops (``train_3d.json``); reuses a finished ``model.pt``."""
+#: vae_ct's generator families: the overlay of ``train.json`` and the one of ``inference.json`` (the bundle's docs)
+VAE_FAMILIES: dict[str, tuple[list[str], list[str]]] = {
+    "vae": ([], []),
+    "vae_gan": (["train_vaegan.json"], ["inference_vaegan.json"]),
+    "gan": (["train_gan.json"], ["inference_gan.json"]),
+}
+
+
+def train_vae(crops_split: Path, ckpt_dir: Path, settings: Mapping[str, Any], seed: int = 0,
+              family: str = "vae") -> Path:  # fmt: skip
+    """vae_ct on 3D crops (``train_3d.json``, after the ``family`` overlay as the bundle's docs ask); reuses a
+    finished ``model.pt``. ``settings["vae"]`` gives the overrides (network, epochs, and a family's own keys)."""
     from tools.bundles import run_config
 
     if (ckpt_dir / "model.pt").is_file() and (ckpt_dir / "done.json").is_file():
@@ -494,12 +504,12 @@ def train_vae(crops_split: Path, ckpt_dir: Path, settings: Mapping[str, Any], se
         **{k: v for k, v in settings["vae"].items() if k not in _VAE_NET_KEYS},
     }
     started = time.time()
-    run_config("vae_ct", ["train.json", "train_3d.json"], over, workflow_type="train")
+    run_config("vae_ct", ["train.json", *VAE_FAMILIES[family][0], "train_3d.json"], over, workflow_type="train")
     write_json(ckpt_dir / "done.json", {"seconds": round(time.time() - started, 1)})
     return ckpt_dir
 
 
-_VAE_NET_KEYS = ("strides", "channels", "latent_size")
+_VAE_NET_KEYS = ("strides", "channels", "latent_size", "gan_channels", "gan_strides", "gan_convs_per_stage")
 
 
 def vae_net_overrides(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -550,24 +560,34 @@ def _prep_mode(split_json: Path) -> str:
     return prep.get("mode", "none")
 
 
+def ldm_controlnet_net(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The ControlNet's network keys of the scale's ``ldm_stage.controlnet`` (inference needs the same network; the
+    stage's training keys, e.g. its learning rate, are no keys of the inference configs)."""
+    stage = settings["ldm_stage"].get("controlnet", {})
+    return {k: v for k, v in stage.items() if k == "conditioning_embedding_channels" or k.startswith("controlnet_def")}
+
+
 def ldm_image_size(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {"image_size": list(settings["crop_shape"])} if settings.get("ldm_nets") else {}
 
 
 def synthesize_set(bundle: str, source: Path, out: Path, ckpt_dir: Path, settings: Mapping[str, Any],
-                   seed: int = 0) -> Path:  # fmt: skip
-    """H1's ``tools.synthesize.synthesize`` with the scale's network overrides; returns the datalist JSON."""
-    from tools.synthesize import synthesize
+                   seed: int = 0, samples_per_item: int = 1, section: str = "training",
+                   family: str = "vae") -> Path:  # fmt: skip
+    """H1's ``tools.synthesize.synthesize`` with the scale's network overrides (vae_ct: of the generator
+    ``family``), ``samples_per_item`` per mask of ``section``; returns the datalist JSON."""
+    from tools.synthesize import GENERATORS, synthesize
 
     if bundle == "vae_ct":
         overrides = vae_net_overrides(settings)
-        configs = None
+        base, three_d = GENERATORS["vae_ct"].configs
+        configs = None if family == "vae" else [base, *VAE_FAMILIES[family][1], three_d]
     else:
         overrides = {
             **ldm_image_size(settings),
             **settings["ldm_nets"],
             **settings["ldm_infer"],
-            **settings["ldm_stage"].get("controlnet", {}),
+            **ldm_controlnet_net(settings),
             "prep_out_shape": _prep_shape(source),
             "crop_mode": _prep_mode(source),
         }
@@ -575,7 +595,7 @@ def synthesize_set(bundle: str, source: Path, out: Path, ckpt_dir: Path, setting
     started = time.time()
     existed = (Path(out) / "datalist.json").is_file()
     path = synthesize(bundle, source, out, ckpt_dir=ckpt_dir, configs=configs, overrides=overrides or None,
-                      samples_per_item=1, seed=seed, section="training", progress=False)  # fmt: skip
+                      samples_per_item=samples_per_item, seed=seed, section=section, progress=False)  # fmt: skip
     if not existed and not (Path(out) / "done.json").is_file():
         write_json(Path(out) / "done.json", {"seconds": round(time.time() - started, 1)})
     path = Path(path)
