@@ -315,25 +315,6 @@ def test_the_codebook_lookup_stays_float32_under_autocast():
     assert reconstruction.dtype == torch.bfloat16 and loss.dtype == torch.float32
 
 
-@pytest.mark.parametrize("configs, workflow_type", [(["configs/train.json"], "train"),
-                                                    (["configs/inference.json"], "infer")],
-                         ids=["train", "inference"])  # fmt: skip
-def test_an_unknown_precision_fails_naming_it(tmp_path, configs, workflow_type):
-    overrides = {
-        "precision": "fp8",
-        "dataset_dir": str(tmp_path),
-        "ckpt_dir": str(tmp_path),
-        "output_dir": str(tmp_path),
-    }
-    with pytest.raises(Exception) as raised:  # MONAI wraps errors of a config expression in a RuntimeError
-        run_workflow(BUNDLE, configs, workflow_type, overrides=overrides, logging_file=False)
-    cause = raised.value
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    assert isinstance(cause, ValueError) and "precision 'fp8'" in str(cause) and "bf16" in str(cause), cause
-    assert not (tmp_path / "precision.json").exists()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # acceptance 2: tumors into the real CT
 

@@ -310,19 +310,6 @@ def test_bf16_training_of_every_stage_records_its_precision_and_saves_bare_netwo
     assert np.asarray(nib.load(synthetic / "sample_00000_image.nii.gz").dataobj).std() > 0
 
 
-@pytest.mark.parametrize(
-    "configs, workflow_type",
-    [(["configs/train.json", "configs/train_autoencoder.json"], "train"), (["configs/inference.json"], "inference"),
-     (["configs/evaluate_synthetic.json"], "inference")],
-    ids=["train_autoencoder", "inference", "evaluate_synthetic"],
-)  # fmt: skip
-def test_an_unknown_precision_fails_naming_it(bundle, tmp_path, configs, workflow_type):
-    overrides = {"precision": "fp8", "output_dir": str(tmp_path)}
-    with pytest.raises(Exception) as raised:
-        run_workflow(bundle, configs, workflow_type, overrides=overrides, logging_file=False)
-    assert re.search(r"ValueError: precision 'fp8': expected one of auto, fp32, bf16, fp16", error_chain(raised.value))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # acceptance 2: the scale factor
 

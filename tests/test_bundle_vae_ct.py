@@ -317,25 +317,6 @@ def test_bf16_training_records_its_precision_and_saves_the_bare_network(subvolum
     )
 
 
-@pytest.mark.parametrize(
-    "configs, workflow_type", [(FAMILIES["gan"], "train"), (INFERENCE["vae"], "infer")], ids=["train_gan", "inference"]
-)
-def test_an_unknown_precision_fails_naming_it(tmp_path, configs, workflow_type):
-    overrides = {
-        "precision": "fp8",
-        "dataset_dir": str(tmp_path),
-        "ckpt_dir": str(tmp_path),
-        "output_dir": str(tmp_path),
-    }
-    with pytest.raises(Exception) as raised:  # MONAI wraps errors of a config expression in a RuntimeError
-        run_workflow(BUNDLE, configs, workflow_type, overrides=overrides, logging_file=False)
-    cause = raised.value
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    assert isinstance(cause, ValueError) and "precision 'fp8'" in str(cause) and "bf16" in str(cause), cause
-    assert not (tmp_path / "precision.json").exists()
-
-
 def test_sample_seeds_follow_the_documented_rule():
     inference = load_bundle_module("inference")
     items = inference.expand_samples([{"label": "a.nii.gz"}, "b.nii.gz"], num_samples=3, seed=7)

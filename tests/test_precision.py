@@ -178,3 +178,36 @@ def test_seg_unet3d_autocasts_inside_the_forward_only_with_the_switch_on_and_kee
     # the final model loads into the bare network, key for key (ckpt_export and MONAI Label read it that way)
     weights = torch.load(tmp_path / "models" / "model_final.pt", map_location="cpu", weights_only=True)
     network_def.load_state_dict(weights, strict=True)
+
+
+@pytest.mark.parametrize(
+    "bundle, configs, workflow_type",
+    [
+        ("seg_unet3d", ["configs/train.json"], "train"),
+        ("seg_unet3d", ["configs/inference.json"], "infer"),
+        ("vae_ct", ["configs/train.json", "configs/train_gan.json"], "train"),
+        ("vae_ct", ["configs/inference.json"], "infer"),
+        ("ldm_abdomen", ["configs/train.json", "configs/train_autoencoder.json"], "train"),
+        ("ldm_abdomen", ["configs/inference.json"], "infer"),
+        ("ldm_abdomen", ["configs/evaluate_synthetic.json"], "infer"),
+        ("difftumor", ["configs/train.json"], "train"),
+        ("difftumor", ["configs/inference.json"], "infer"),
+    ],
+    ids=lambda v: "+".join(Path(c).stem for c in v) if isinstance(v, list) else str(v),
+)
+def test_an_unknown_precision_stops_every_bundle_at_start_naming_it(bundle, configs, workflow_type, tmp_path):
+    from tools.bundle_check import run_workflow
+    from tools.bundle_scripts.config_check import root_cause
+
+    overrides = {
+        "precision": "fp8",
+        "dataset_dir": str(tmp_path),
+        "ckpt_dir": str(tmp_path),
+        "output_dir": str(tmp_path),
+    }
+    with pytest.raises(Exception) as raised:  # MONAI wraps errors of a config expression in a RuntimeError
+        run_workflow(REPO / "bundles" / bundle, configs, workflow_type, overrides=overrides, logging_file=False)
+    cause = root_cause(raised.value)
+    assert isinstance(cause, ValueError), cause
+    assert "precision 'fp8': expected one of auto, fp32, bf16, fp16" in str(cause)
+    assert not (tmp_path / "precision.json").exists()
