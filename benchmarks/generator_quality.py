@@ -50,6 +50,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from smoke import parse_args_with_smoke
 
+from tools.phantom.twin import phantom_label, render_with_other_noise  # the noise twin, shared with difftumor's
+
 REPO = Path(__file__).resolve().parents[1]
 #: issue 14's CPU recipes: the demo scale with the generators' training settings replaced (a tools.studies scale file)
 RECIPES = REPO / "benchmarks" / "generator_recipes.json"
@@ -76,7 +78,8 @@ SMOKE_SCALE = {
     "ldm_stage": {"autoencoder": {"ae_patch_size": [16, 16, 16]}},
     "ldm_epochs": {"autoencoder": 1, "diffusion": 1, "controlnet": 1},
     "ldm_infer": {"num_inference_steps": 2},
-    "vae_variants": {"vaegan": {"disc_layers": 2}, "gan": {"disc_layers": 2}},  # a 16^3 crop has room for 2
+    # a 16^3 crop has room for 2 discriminator layers; the one smoke epoch trains the adversarial term too
+    "vae_variants": {"vaegan": {"disc_layers": 2, "adv_start_epoch": 1}, "gan": {"disc_layers": 2}},
 }  # fmt: skip
 
 
@@ -488,52 +491,6 @@ def phantom_noise_floor(out: Path, data: Mapping[str, Any], crop_shape: Sequence
              "per_case": dict(zip([r.get("case") for r in data["heldout_records"]], diffs))}  # fmt: skip
     write_json(result, floor)
     return floor
-
-
-def phantom_label(phantom: Path, scan: str) -> Path:
-    meta = json.loads((phantom / "dataset.json").read_text())
-    entry = next(e for e in meta["training"] + meta["test"] if Path(e["image"]).name.split(".nii")[0] == scan)
-    return phantom / entry["label"]
-
-
-def render_with_other_noise(phantom: Path, scan: str, noise_seed: int):
-    """Phantom case ``scan`` of the data set in ``phantom`` made again with the same parameters (``make_case`` as
-    ``tools.phantom.dataset`` calls it, the plan from ``plan_cases``), except that the scanner-noise draw of
-    ``appearance.render`` comes from ``noise_seed``: the phantom has no noise-seed argument, so its ``render`` is
-    given a random stream whose ``standard_normal`` (the noise field, its only use there) comes from another
-    generator; every other draw (tissue values, contrast timing) stays the case's own. Returns (case, original
-    label) so that the caller can check that the anatomy did not move."""
-    import tools.phantom.case as phantom_case
-    from tools.io import load_nifti
-    from tools.phantom import make_case, plan_cases
-
-    params = json.loads((phantom / "dataset.json").read_text())["generator"]["params"]
-    plan = plan_cases(params["n_cases"], params["seed"], params["phase"], params["tumor_fraction"],
-                      params["test_fraction"], params["orientation"])  # fmt: skip
-    item = next(p for p in plan if p["case"] == scan)
-    noise = np.random.Generator(np.random.PCG64(noise_seed))
-
-    class OtherNoise:
-        def __init__(self, stream):
-            self.stream = stream
-
-        def standard_normal(self, *args, **kwargs):
-            return noise.standard_normal(*args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(self.stream, name)
-
-    original_render = phantom_case.render
-    phantom_case.render = lambda tissue, spacing, phase, rng, *rest: original_render(
-        tissue, spacing, phase, OtherNoise(rng), *rest
-    )
-    try:
-        case = make_case(seed=(params["seed"], item["patient_index"]), shape=params["shape"],
-                         spacing=params["spacing"], phase=item["phase"], tumor=item["tumor"],
-                         tumor_radius_mm=params["tumor_radius_mm"], orientation=item["orientation"])  # fmt: skip
-    finally:
-        phantom_case.render = original_render
-    return case, load_nifti(phantom_label(phantom, scan))[0].astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------

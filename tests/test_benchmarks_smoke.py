@@ -248,3 +248,204 @@ def test_generator_quality_smoke_runs_every_step(generator, tmp_path):
         assert Path(outcome["montage"]).is_file() and (out / f"montage_{variant}.png").is_file()
         assert outcome["per_seed"]["0"]["times"]["torch_threads"] == 1
     assert "| bar | seed | measured | required | pass |" in (out / "quality.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/seg_unet3d_tumor.py (issue 15): its bars, and its smoke run
+
+
+def load_tumor_benchmark(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("benchmarks_seg_unet3d_tumor", BENCHMARKS / "seg_unet3d_tumor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tumor_figures(**changes):
+    figures = {"tumor_dice": 0.5, "tumor_dice_cases": 40, "sensitivity_10mm": 0.8, "sensitivity_10mm_ci": [0.6, 0.9],
+               "detected_10mm": 16, "lesions_10mm": 20, "specificity": 0.8, "specificity_ci": [0.6, 0.9],
+               "healthy_scans": 20}  # fmt: skip
+    return {**figures, **changes}
+
+
+def test_tumor_bars_pass_at_their_limits_and_fail_beyond(monkeypatch):
+    bench = load_tumor_benchmark(monkeypatch)
+    rows = bench.bar_rows(tumor_figures(), 20.0)
+    assert [row["pass"] for row in rows] == [True] * 4
+    assert "16/20" in rows[1]["measured"] and "95 % CI 0.60-0.90" in rows[1]["measured"]
+    for change, minutes, failed in [({"tumor_dice": 0.499}, 20.0, 0), ({"sensitivity_10mm": 0.75}, 20.0, 1),
+                                    ({"specificity": 0.79}, 20.0, 2), ({}, 20.1, 3),
+                                    ({"tumor_dice": float("nan")}, 20.0, 0)]:  # fmt: skip
+        passes = [row["pass"] for row in bench.bar_rows(tumor_figures(**change), minutes)]
+        assert passes == [index != failed for index in range(4)], (change, minutes)
+
+
+@pytest.mark.slow
+def test_seg_unet3d_tumor_smoke_runs_every_step(tmp_path):
+    """The documented command with --smoke: phantom, crops, training with the tumor recipe's configs, evaluation,
+    the bars, the per-bin table with intervals and the curve figure."""
+    out = tmp_path / "tumor"
+    command = [sys.executable, str(BENCHMARKS / "seg_unet3d_tumor.py"), "--smoke", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.stdout.splitlines()[0] == load_smoke().SMOKE_BANNER
+    report = json.loads((out / "result.json").read_text())
+    assert [row["bar"] for row in report["bars"]][-1] == "training wall time (min)"
+    assert report["settings"]["tumor_seg_configs"] == ["train.json", "tumor_crops.json"]
+    assert {row["bin"] for row in report["figures"]["bins"]} >= {"[10,15)", "all"}
+    assert (out / "curve.png").is_file() and "| radius bin (mm) |" in (out / "result.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/difftumor_quality.py (issue 15, point 2): its bars, the classifier's AUC, its recipe, its smoke run
+
+
+def load_difftumor_benchmark(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports its siblings smoke.py and seg_unet3d_tumor.py
+    spec = importlib.util.spec_from_file_location("benchmarks_difftumor_quality", BENCHMARKS / "difftumor_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def difftumor_inputs(**changes):
+    """:func:`family_bars`' arguments with every bar exactly at its limit; ``changes`` ("group__name") replace one."""
+    auc = {"auc_mean": 0.9, "auc_sd": 0.05, "fold_aucs": [0.85, 0.95], "pooled_auc": 0.9, "folds": 2, "n_real": 4,
+           "n_synthetic": 4}  # fmt: skip
+    detected = {"sensitivity_10mm": 0.7, "detected_10mm": 7, "lesions_10mm": 10, "sensitivity_10mm_ci": [0.4, 0.9]}
+    values = {
+        "measures": {
+            "median_hu": 71.0,
+            **detected,
+            "outside_max_hu": 0.0,
+            "cases": 10,
+            "margin_mm": [3.0, 3.0],
+            "auc": auc,
+        },
+        "real": {"median_hu": 56.0, **detected, "sensitivity_10mm": 0.9, "detected_10mm": 9},
+        "autoencoder": {"mae_hu": 27.0, "noise_floor_hu": 12.0, "n_cases": 10},
+        "training": {
+            "total_seconds": 45 * 60.0,
+            "seconds": {"autoencoder": 1200.0, "early": 700.0, "medium_large": 800.0},
+        },
+    }
+    for key, value in changes.items():
+        group, _, name = key.partition("__")
+        values[group] = {**values[group], name: value}
+    return values
+
+
+def test_difftumor_bars_pass_at_their_limits_and_fail_beyond(monkeypatch):
+    bench = load_difftumor_benchmark(monkeypatch)
+    rows = bench.family_bars("difftumor", **difftumor_inputs())
+    assert [row["pass"] for row in rows] == [True, True, True, True, True, None]  # the AUC is reported, no bar
+    assert "<= noise floor 12.0 + 15 = 27.0" in rows[0]["required"] and "real test tumors 0.90" in rows[2]["measured"]
+    misses = {"autoencoder__mae_hu": 27.1, "measures__median_hu": 71.1, "measures__sensitivity_10mm": 0.69,
+              "measures__outside_max_hu": 0.5, "training__total_seconds": 45 * 60.0 + 6}  # fmt: skip
+    for index, (key, value) in enumerate(misses.items()):
+        passes = [row["pass"] for row in bench.family_bars("difftumor", **difftumor_inputs(**{key: value}))]
+        assert passes == [i != index for i in range(5)] + [None], key
+    below = bench.family_bars("difftumor", **difftumor_inputs(measures__median_hu=41.0))  # 15 below is within too
+    assert below[1]["pass"]
+    unmeasured = bench.family_bars("difftumor", **difftumor_inputs(measures__sensitivity_10mm=float("nan")))
+    assert [row["pass"] for row in unmeasured][2] is False  # no tumor of 10 mm: the bar fails
+    # the modeling-based families: no autoencoder and no training rows
+    inputs = difftumor_inputs()
+    rows = bench.family_bars("cellular", inputs["measures"], inputs["real"])
+    assert len(rows) == 4 and [row["pass"] for row in rows] == [True, True, True, None]
+
+
+def test_difftumor_auc_of_separable_and_of_identical_classes(monkeypatch):
+    import numpy as np
+
+    bench = load_difftumor_benchmark(monkeypatch)
+    assert bench.auc([2.0, 3.0], [0.0, 1.0]) == 1.0 and bench.auc([0.0], [1.0]) == 0.0
+    assert bench.auc([1.0], [1.0]) == 0.5 and np.isnan(bench.auc([], [1.0]))
+    rng = np.random.RandomState(0)
+    real = rng.normal(0.0, 1.0, size=(40, 3))
+    separable = bench.cross_validated_auc(real, real + 10.0)
+    assert separable["folds"] == 5 and separable["auc_mean"] == 1.0 and separable["pooled_auc"] == 1.0
+    same = bench.cross_validated_auc(rng.normal(size=(300, 3)), rng.normal(size=(300, 3)))
+    assert abs(same["auc_mean"] - 0.5) < 0.1 and len(same["fold_aucs"]) == 5 and same["auc_sd"] > 0
+    assert bench.cross_validated_auc(real, real) == bench.cross_validated_auc(real, real)  # seeded folds
+    few = bench.cross_validated_auc(real[:1], real[:3])
+    assert few["folds"] == 1 and np.isnan(few["auc_mean"])
+    folds = bench.stratified_folds(np.array([0] * 7 + [1] * 5), 5, seed=0)
+    assert sorted(np.bincount(folds[:7])) == [1, 1, 1, 2, 2] and sorted(np.bincount(folds[7:])) == [1] * 5
+
+
+def test_difftumor_stage_overrides_take_the_networks_of_the_synthesis(monkeypatch, tmp_path):
+    bench = load_difftumor_benchmark(monkeypatch)
+    settings = {"tumor_family_args": {"difftumor": {
+        "autoencoder": {"channels": [8, 16]}, "diffusion_early": {"channels": [8, 8]},
+        "diffusion_late": {"channels": [16, 16]}, "crop_size": 32, "model_spacing": [2.5, 2.5, 2.5]}},
+        "difftumor_train": {"all": {"max_epochs": 3, "num_crops": 2}, "early": {"max_epochs": 5}}}  # fmt: skip
+    over = {stage: bench.stage_overrides(stage, settings, tmp_path, tmp_path / "d.json", 4, tmp_path / "models", True)
+            for stage in bench.STAGES}  # fmt: skip
+    assert over["autoencoder"]["autoencoder_def#channels"] == [8, 16] and "diffusion_def#channels" not in over[
+        "autoencoder"]  # fmt: skip
+    assert over["early"]["diffusion_def#channels"] == [8, 8] and over["medium_large"]["diffusion_def#channels"] == [
+        16,
+        16,
+    ]
+    assert over["early"]["num_train_timesteps"] == 4 and over["medium_large"]["num_train_timesteps"] == 200
+    assert [over[s]["max_epochs"] for s in bench.STAGES] == [3, 5, 3] and over["early"]["num_crops"] == 2
+    assert over["autoencoder"]["roi_size"] == [32] * 3 and over["early"]["spacing"] == [2.5] * 3
+    assert over["early"]["autoencoder_path"] == str(tmp_path / "models" / "autoencoder" / "autoencoder.pt")
+    # a stage's fingerprint follows the autoencoder's, not the folders
+    prints = {"autoencoder": bench.stage_fingerprint("autoencoder", over["autoencoder"], {"phantom": 1,
+                                                     "tumor_margin_mm": 15}, {})}  # fmt: skip
+    elsewhere = bench.stage_overrides("early", settings, tmp_path / "x", tmp_path / "e.json", 4, tmp_path / "m", True)
+    base = {"phantom": 1, "tumor_margin_mm": 15}
+    assert bench.stage_fingerprint("early", elsewhere, base, prints) == bench.stage_fingerprint(
+        "early", over["early"], base, prints)  # fmt: skip
+    other = {"autoencoder": {**prints["autoencoder"], "overrides": {}}}
+    assert bench.stage_fingerprint("early", over["early"], base, other) != bench.stage_fingerprint(
+        "early", over["early"], base, prints)  # fmt: skip
+
+
+def test_difftumor_benchmark_refuses_a_missing_or_foreign_tumor_model_and_an_empty_recipe(monkeypatch, tmp_path):
+    import argparse
+
+    bench = load_difftumor_benchmark(monkeypatch)
+    settings = {"phantom": {"n_cases": 6}, "tumor_margin_mm": 15.0, "tumor_seg": {"a": 1},
+                "tumor_seg_configs": ["train.json"], "tumor_eval": {}}  # fmt: skip
+    args = argparse.Namespace(tumor_model_dir=str(tmp_path), scale="my_scale.json")
+    with pytest.raises(SystemExit, match=r"python benchmarks/seg_unet3d_tumor.py --scale my_scale.json"):
+        bench.tumor_model(args, settings, tmp_path, tmp_path / "split.json")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(b"")
+    recipe = {k: settings[k] for k in ("phantom", "tumor_margin_mm", "tumor_seg", "tumor_seg_configs")}
+    (tmp_path / "done.json").write_text(json.dumps({"recipe": {**recipe, "phantom": {"n_cases": 150}}}))
+    with pytest.raises(SystemExit, match=r"another recipe \(phantom differ"):
+        bench.tumor_model(args, settings, tmp_path, tmp_path / "split.json")
+    (tmp_path / "done.json").write_text(json.dumps({"recipe": recipe}))
+    assert bench.tumor_model(args, settings, tmp_path, tmp_path / "split.json") == tmp_path.resolve()
+    with pytest.raises(SystemExit, match="no CPU recipe for DiffTumor"):
+        bench.check_recipe({"difftumor_train": {}}, "my_scale.json")
+    with pytest.raises(SystemExit, match="'all', 'autoencoder', 'early', 'medium_large' only"):
+        bench.check_recipe({"difftumor_train": {"max_epochs": 3}}, "my_scale.json")
+
+
+@pytest.mark.slow
+def test_difftumor_quality_smoke_runs_every_step(tmp_path):
+    """The documented command with --smoke: phantom, crops, a tiny real-only model, the three DiffTumor stages, the
+    autoencoder against the noise floor, insertion of the three families, detection, AUC, tables and montage; a
+    rerun reuses the trained stages."""
+    out = tmp_path / "difftumor"
+    command = [sys.executable, str(BENCHMARKS / "difftumor_quality.py"), "--smoke", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.stdout.splitlines()[0] == load_smoke().SMOKE_BANNER
+    report = json.loads((out / "result.json").read_text())
+    assert set(report["training"]["seconds"]) == {"autoencoder", "early", "medium_large"}
+    assert report["autoencoder"]["n_cases"] > 0 and report["autoencoder"]["noise_floor_hu"] > 0
+    for family in ("difftumor", "handcrafted", "cellular"):
+        bars = {row["bar"]: row for row in report["families"][family]["bars"]}
+        assert bars["largest change outside the dilated tumor (HU)"]["pass"]  # holds at any size
+        assert any(bar.startswith("real-vs-synthetic classifier AUC") for bar in bars)
+    assert len(report["families"]["difftumor"]["bars"]) == 6 and len(report["families"]["cellular"]["bars"]) == 4
+    assert (out / "montage.png").is_file() and (out / "result.md").read_text().count("| bar | measured |") == 3
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("trained before with these settings") == 3

@@ -148,6 +148,32 @@ def test_default_network_is_the_seed_000_residual_unet():
     assert inference["network_def"] == parser["network_def"]  # train and inference build the same network
 
 
+def test_tumor_crops_overlay_centres_the_configured_share_of_crops_on_the_tumor():
+    """configs/tumor_crops.json: RandCropByLabelClassesd with ``crop_ratios`` [1, 1, 2] puts half of a tumor scan's
+    crops on tumor voxels (RandCropByPosNegLabeld of train.json: pancreas or tumor alike), and ``class_weights``
+    reaches DiceCE."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "tumor_crops.json")])
+    parser.update({"bundle_root": str(BUNDLE), "roi_size": [8, 8, 8], "num_samples": 1, "device": "cpu",
+                   "class_weights": [1.0, 1.0, 3.0]})  # fmt: skip
+    with bundle_on_path(BUNDLE):
+        sampling = Compose(parser.get_parsed_content("train#sampling_transforms"))
+        crop = parser.get_parsed_content("train#random_transforms")[0]
+        loss = parser.get_parsed_content("loss")
+    assert type(crop).__name__ == "RandCropByLabelClassesd" and list(crop.cropper.ratios) == [1, 1, 2]
+    assert torch.equal(loss.cross_entropy.weight, torch.tensor([1.0, 1.0, 3.0]))
+    label = torch.zeros(1, 64, 64, 64, dtype=torch.uint8)
+    label[0, 8:56, 8:56, 8:56] = 1  # a large pancreas
+    label[0, 28:32, 28:32, 28:32] = 2  # a small tumor: 64 of its 110592 voxels
+    data = sampling({"image": torch.rand(1, 64, 64, 64), "label": label})
+    crop.set_random_state(0)
+    centred = [crop(data)[0]["label"][0, 4, 4, 4].item() == 2 for _ in range(400)]
+    assert 0.42 <= sum(centred) / len(centred) <= 0.58  # about 2 of 4 (binomial sd 0.025)
+
+
 @pytest.mark.slow
 def test_train_validates_saves_best_and_final_models_and_archives_the_resume_state(trained):
     run, workflow = trained

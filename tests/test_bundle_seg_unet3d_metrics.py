@@ -166,11 +166,33 @@ def test_lesions_get_their_volume_radius_bin_and_hit():
     assert [lesion["bin"] for lesion in lesions] == ["[0,5)", "[5,10)", "[15,20)"]
     assert [lesion["hit"] for lesion in lesions] == [False, True, True]
     table = m.sensitivity_by_bin(lesions)
-    assert table["[0,5)"] == {"lesions": 1, "detected": 0, "sensitivity": 0.0}
-    assert table["[5,10)"] == {"lesions": 1, "detected": 1, "sensitivity": 1.0}
+    assert {k: table["[0,5)"][k] for k in ("lesions", "detected", "sensitivity")} == {
+        "lesions": 1, "detected": 0, "sensitivity": 0.0}  # fmt: skip
+    assert {k: table["[5,10)"][k] for k in ("lesions", "detected", "sensitivity")} == {
+        "lesions": 1, "detected": 1, "sensitivity": 1.0}  # fmt: skip
     assert table["[15,20)"]["sensitivity"] == 1.0
     assert math.isnan(table["[10,15)"]["sensitivity"]) and table[">=20"]["lesions"] == 0
-    assert table["all"] == {"lesions": 3, "detected": 2, "sensitivity": pytest.approx(2 / 3)}
+    assert table["all"]["sensitivity"] == pytest.approx(2 / 3) and table["all"]["lesions"] == 3
+    assert table["all"]["ci_low"] < 2 / 3 < table["all"]["ci_high"] and math.isnan(table["[10,15)"]["ci_low"])
+
+
+def test_false_positive_lesions_are_predicted_components_touching_no_tumor():
+    pred, gt, spacing = detection_case()
+    # three predicted components: one touches lesion B, one lies inside C, one is away from every lesion
+    assert m.false_positive_lesions(pred == 2, gt == 2, spacing, min_tumor_mm3=50.0) == 1
+    assert m.false_positive_lesions(pred == 2, np.zeros_like(gt), spacing, min_tumor_mm3=50.0) == 3
+    assert m.false_positive_lesions(pred == 2, gt == 2, spacing, min_tumor_mm3=100.0) == 0  # all are 54-75 mm^3
+    row, _ = m.evaluate_case(pred, gt, spacing, min_tumor_mm3=50.0)
+    assert row["false_positive_lesions"] == 1
+
+
+@pytest.mark.parametrize("successes, trials", [(0, 1), (3, 20), (17, 20), (20, 20), (40, 57)])
+def test_wilson_interval_matches_scipy(successes, trials):
+    from scipy.stats import binomtest
+
+    expected = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
+    assert m.wilson_interval(successes, trials) == pytest.approx((expected.low, expected.high), abs=1e-6)
+    assert all(math.isnan(v) for v in m.wilson_interval(0, 0))
 
 
 def test_a_prediction_below_the_minimum_size_does_not_detect():
@@ -209,6 +231,10 @@ def test_patient_level_specificity_and_sensitivity():
     assert result["patient_sensitivity"] == pytest.approx(1 / 2)
     no_healthy = m.patient_level([c for c in cases if c["has_tumor"]])
     assert no_healthy["healthy_cases"] == 0 and math.isnan(no_healthy["specificity"])
+    assert result["specificity_ci"][0] < 2 / 3 < result["specificity_ci"][1]
+    counted = m.patient_level([{**c, "false_positive_lesions": 2 if c["predicted_tumor"] else 0} for c in cases])
+    assert counted["false_positive_lesions"] == 4 and counted["false_positive_lesions_per_scan"] == pytest.approx(0.8)
+    assert counted["false_positive_lesions_per_healthy_scan"] == pytest.approx(2 / 3)
 
 
 def test_evaluate_case_on_a_healthy_scan_with_a_false_positive():

@@ -59,6 +59,8 @@ CROP_MODES = ("full", "semi", "pancreas")
 FAMILIES = ("difftumor", "handcrafted", "cellular")
 SEG_CONFIGS = ["train.json"]
 SEG_BINARY = ["train.json", "binary.json"]
+#: the tumor studies' seg_unet3d configs: crops sampled by class, half of them on the tumor (issue 15's recipe)
+TUMOR_SEG_CONFIGS = ["train.json", "tumor_crops.json"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # scales: what changes between a CPU demo and a GPU user's run (never the configs themselves)
@@ -93,6 +95,11 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
             "train#trainer#max_epochs": 40,
             "val_interval": 10,
         },
+        # the demo keeps uniform pancreas-or-not crops: its measured tables (README) were made so, and no recipe
+        # learns the phantom's tumors within the demo's budget (benchmarks/seg_unet3d_tumor.py)
+        "tumor_seg_configs": SEG_CONFIGS,
+        # evaluate.json's post-processing of the tumor studies (fixed before any test scan is scored, every arm)
+        "tumor_eval": {},
         "vae": {
             "strides": [2, 2, 2],
             "channels": [8, 16, 32],
@@ -135,6 +142,14 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
             },
         },
         "default_family": "handcrafted",
+        # vae_ct's adversarial families' own keys on top of "vae", by the generator-quality benchmark's variant
+        # names ("vaegan", "gan"), e.g. the discriminator's learning rate or when the adversarial term starts
+        "vae_variants": {},
+        # difftumor's training overrides for its three stages (``benchmarks/difftumor_quality.py``): ``all`` for
+        # every stage, ``autoencoder`` / ``early`` / ``medium_large`` for one (epochs, learning rate, crops...);
+        # the networks, crop size and model spacing come from ``tumor_family_args["difftumor"]``; {}: the bundle's
+        # configs (the reference's GPU recipe)
+        "difftumor_train": {},
     },
     "small": {
         "seeds": [0, 1, 2],
@@ -157,6 +172,8 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
             "train#trainer#max_epochs": 100,
             "val_interval": 10,
         },
+        "tumor_seg_configs": TUMOR_SEG_CONFIGS,
+        "tumor_eval": {},
         "vae": {
             "strides": [2, 2, 2, 2],
             "channels": [16, 32, 64, 128],
@@ -172,6 +189,8 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "ldm_infer": {"num_inference_steps": 50},
         "tumor_family_args": {},
         "default_family": "difftumor",
+        "vae_variants": {},
+        "difftumor_train": {},
     },
     "paper": {
         # the bundles' config defaults (GPU); only the data set and the number of seeds are chosen here
@@ -181,6 +200,8 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "tumor_margin_mm": 30.0,
         "seg": {},
         "tumor_seg": {},
+        "tumor_seg_configs": TUMOR_SEG_CONFIGS,
+        "tumor_eval": {},
         "vae": {},
         "ldm_nets": {},
         "ldm_train": {},
@@ -189,6 +210,8 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "ldm_infer": {},
         "tumor_family_args": {},
         "default_family": "difftumor",
+        "vae_variants": {},
+        "difftumor_train": {},
     },
 }
 
@@ -389,9 +412,16 @@ def train_and_evaluate_seg(
     overrides: Mapping[str, Any],
     configs: Sequence[str] = SEG_CONFIGS,
     online_augmentation: Any = None,
-) -> dict[str, Any]:
+    timing: dict[str, float] | None = None,
+    eval_overrides: Mapping[str, Any] | None = None,
+    train: bool = True,
+    evaluate: bool = True,
+) -> dict[str, Any] | None:
     """Train seg_unet3d on ``datalist`` (its training/validation sections) and evaluate ``model.pt`` on its test
-    section; returns flat metrics (pancreas / tumor Dice, NSD, HD95, detection) and writes ``curve.json``."""
+    section; returns flat metrics (pancreas / tumor Dice, NSD, HD95, detection) and writes ``curve.json``.
+    ``timing``, when given, receives the wall seconds of ``training`` and ``evaluation``; ``eval_overrides`` are keys
+    of ``evaluate.json`` only (its post-processing, e.g. ``min_tumor_mm3``); ``train=False`` evaluates the
+    ``model.pt`` a finished training left in ``folder``; ``evaluate=False`` trains only (returns None)."""
     from tools.bundles import run_config
 
     folder = Path(folder)
@@ -407,9 +437,18 @@ def train_and_evaluate_seg(
     train_over = dict(base)
     if online_augmentation is not None:
         train_over["online_augmentation"] = online_augmentation
-    run_config("seg_unet3d", list(configs), train_over, workflow_type="train")
-    eval_over = {**base, "output_dir": str((folder / "eval").resolve())}
+    started = time.perf_counter()
+    if train:
+        run_config("seg_unet3d", list(configs), train_over, workflow_type="train")
+    trained = time.perf_counter()
+    if not evaluate:
+        if timing is not None:
+            timing["training"] = trained - started
+        return None
+    eval_over = {**base, **dict(eval_overrides or {}), "output_dir": str((folder / "eval").resolve())}
     run_config("seg_unet3d", [*configs, "evaluate.json"], eval_over, workflow_type="train")
+    if timing is not None:
+        timing.update({"training": trained - started, "evaluation": time.perf_counter() - trained})
     summary = json.loads((folder / "eval" / "summary.json").read_text())
     curves = read_training_curves(folder / "train" / "tensorboard")
     write_json(folder / "curve.json", curves)
@@ -744,7 +783,15 @@ class RatioStudy(Study):
 class _TumorStudy(Study):
     """Shared data of the tumor studies: tumor-bearing crops around the pancreas, with a validation split."""
 
-    uses = ("phantom", "tumor_margin_mm", "tumor_seg", "tumor_family_args", "default_family")
+    uses = (
+        "phantom",
+        "tumor_margin_mm",
+        "tumor_seg",
+        "tumor_seg_configs",
+        "tumor_eval",
+        "tumor_family_args",
+        "default_family",
+    )
 
     metrics = ("tumor_dice", "tumor_nsd", "pancreas_dice")
     figure_metrics = ("tumor_dice", "tumor_nsd")
@@ -777,7 +824,8 @@ class TumorSizeStudy(_TumorStudy):
         if size is not None:
             transform = tumor_synthesis_transform(self.family(), size, self.settings, self.inputs["size_classes"])
         return train_and_evaluate_seg(folder, self.inputs["split"], job.seed, self.settings["tumor_seg"],
-                                      online_augmentation=transform)  # fmt: skip
+                                      self.settings["tumor_seg_configs"], online_augmentation=transform,
+                                      eval_overrides=self.settings["tumor_eval"])  # fmt: skip
 
     def describe(self):
         return {**super().describe(), "family": self.family()}
@@ -795,7 +843,9 @@ class LabelNoiseStudy(_TumorStudy):
         datalist = self.inputs["split"]
         if job.params["level"] is not None:
             datalist = noisy_copy(datalist, folder / "noisy", job.params["level"], job.seed)
-        return train_and_evaluate_seg(folder, datalist, job.seed, self.settings["tumor_seg"])
+        return train_and_evaluate_seg(folder, datalist, job.seed, self.settings["tumor_seg"],
+                                      self.settings["tumor_seg_configs"],
+                                      eval_overrides=self.settings["tumor_eval"])  # fmt: skip
 
 
 def noisy_copy(datalist: Path, out_dir: Path, level: str, seed: int) -> Path:
@@ -852,7 +902,8 @@ class TumorFamiliesStudy(_TumorStudy):
         if family is not None:
             transform = tumor_synthesis_transform(family, "mixed", self.settings, self.inputs["size_classes"])
         return train_and_evaluate_seg(folder, self.inputs["split"], job.seed, self.settings["tumor_seg"],
-                                      online_augmentation=transform)  # fmt: skip
+                                      self.settings["tumor_seg_configs"], online_augmentation=transform,
+                                      eval_overrides=self.settings["tumor_eval"])  # fmt: skip
 
 
 class CropContextStudy(Study):

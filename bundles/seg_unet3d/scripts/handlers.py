@@ -235,6 +235,8 @@ class SegmentationReport:
                     "lesions": patient["healthy_cases"],
                     "detected": patient["true_negative"],
                     "sensitivity": patient["specificity"],
+                    "ci_low": patient["specificity_ci"][0],
+                    "ci_high": patient["specificity_ci"][1],
                 }
             )
             detection_rows.append(
@@ -243,12 +245,15 @@ class SegmentationReport:
                     "lesions": patient["tumor_cases"],
                     "detected": patient["true_positive"],
                     "sensitivity": patient["patient_sensitivity"],
+                    "ci_low": patient["patient_sensitivity_ci"][0],
+                    "ci_high": patient["patient_sensitivity_ci"][1],
                 }
             )
         write_csv(
             self.output_dir / "detection_summary.csv",
             [
-                {"group": row["bin"], "n": row["lesions"], "positive": row["detected"], "rate": row["sensitivity"]}
+                {"group": row["bin"], "n": row["lesions"], "positive": row["detected"], "rate": row["sensitivity"],
+                 "ci95_low": row["ci_low"], "ci95_high": row["ci_high"]}  # fmt: skip
                 for row in detection_rows
             ],
         )

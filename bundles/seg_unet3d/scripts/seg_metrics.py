@@ -18,6 +18,10 @@ Conventions (all distances in mm, computed with the voxel spacing of the grid th
 - Components use full (26-) connectivity in 3D. Predicted tumor components smaller than ``min_tumor_mm3`` are
   removed before detection and specificity (speckle is not a detection); 0 keeps everything.
 - A ground-truth lesion is detected ("hit") when any voxel of it is covered by the (filtered) predicted tumor.
+- A predicted tumor component (after that filter) that touches no ground-truth tumor voxel is a false-positive
+  lesion; summaries report them per scan.
+- Rates (sensitivity per bin, specificity) carry a Wilson score 95 % interval (``ci_low``, ``ci_high``): with 20-40
+  lesions a bin's sensitivity is only known to about +-0.15, and the tables say so.
 - Patient-level: a scan is predicted positive when a predicted tumor component of at least ``min_tumor_mm3``
   remains; specificity = healthy scans predicted negative / healthy scans (NaN when there is no healthy scan);
   patient sensitivity likewise on scans with a tumor.
@@ -235,10 +239,41 @@ def detect_lesions(
     return lesions
 
 
+def false_positive_lesions(
+    pred_tumor: Any,
+    gt_tumor: Any,
+    spacing: Sequence[float],
+    min_tumor_mm3: float = MIN_TUMOR_MM3,
+    connectivity: int = 3,
+) -> int:
+    """Predicted tumor components of at least ``min_tumor_mm3`` that touch no ground-truth tumor voxel."""
+    pred = remove_small_components(pred_tumor, spacing, min_tumor_mm3, connectivity)
+    gt = _array(gt_tumor).astype(bool)
+    labelled, count = connected_components(pred, connectivity)
+    if count == 0:
+        return 0
+    touching = np.unique(labelled[gt & pred])
+    return int(count - np.count_nonzero(touching))
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95 % by default); (NaN, NaN) when there are no trials. Why not
+    scipy's ``binomtest(...).proportion_ci``: it is the same formula, but refuses ``trials == 0``, which an empty
+    size bin is."""
+    if trials <= 0:
+        return math.nan, math.nan
+    p = successes / trials
+    denominator = 1.0 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def sensitivity_by_bin(
     lesions: Iterable[Mapping[str, Any]], edges: Sequence[float] = RADIUS_EDGES_MM
 ) -> dict[str, dict[str, float]]:
-    """``bin -> {"lesions": n, "detected": k, "sensitivity": k / n (NaN when n = 0)}``, plus ``"all"``."""
+    """``bin -> {"lesions": n, "detected": k, "sensitivity": k / n (NaN when n = 0), "ci_low", "ci_high"}`` (Wilson
+    95 %), plus ``"all"``."""
     table = {label: {"lesions": 0, "detected": 0} for label in bin_labels(edges) + ["all"]}
     for lesion in lesions:
         for label in (lesion["bin"], "all"):
@@ -246,6 +281,7 @@ def sensitivity_by_bin(
             table[label]["detected"] += int(bool(lesion["hit"]))
     for row in table.values():
         row["sensitivity"] = row["detected"] / row["lesions"] if row["lesions"] else math.nan
+        row["ci_low"], row["ci_high"] = wilson_interval(row["detected"], row["lesions"])
     return table
 
 
@@ -263,14 +299,26 @@ def patient_level(cases: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     diseased = [row for row in rows if row["has_tumor"]]
     true_negative = sum(not row["predicted_tumor"] for row in healthy)
     true_positive = sum(bool(row["predicted_tumor"]) for row in diseased)
-    return {
+    specificity_ci = wilson_interval(true_negative, len(healthy))
+    sensitivity_ci = wilson_interval(true_positive, len(diseased))
+    out = {
         "healthy_cases": len(healthy),
         "true_negative": true_negative,
         "specificity": true_negative / len(healthy) if healthy else math.nan,
+        "specificity_ci": list(specificity_ci),
         "tumor_cases": len(diseased),
         "true_positive": true_positive,
         "patient_sensitivity": true_positive / len(diseased) if diseased else math.nan,
+        "patient_sensitivity_ci": list(sensitivity_ci),
     }
+    fp_rows = [row for row in rows if "false_positive_lesions" in row]
+    if fp_rows:
+        out["false_positive_lesions"] = sum(int(row["false_positive_lesions"]) for row in fp_rows)
+        out["false_positive_lesions_per_scan"] = out["false_positive_lesions"] / len(fp_rows)
+        out["false_positive_lesions_per_healthy_scan"] = (
+            sum(int(row["false_positive_lesions"]) for row in healthy) / len(healthy) if healthy else math.nan
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,6 +352,7 @@ def evaluate_case(
         row["predicted_tumor"] = predicts_tumor(pred_tumor, spacing, min_tumor_mm3)
         row["gt_lesions"] = len(lesions)
         row["detected_lesions"] = sum(lesion["hit"] for lesion in lesions)
+        row["false_positive_lesions"] = false_positive_lesions(pred_tumor, gt_tumor, spacing, min_tumor_mm3)
     return row, lesions
 
 
