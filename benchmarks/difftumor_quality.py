@@ -729,7 +729,7 @@ def main() -> int:
     settings = benchmark_settings(args.scale, args.smoke)
     check_recipe(settings, args.scale)
     out = Path(args.out).resolve()
-    command = "python benchmarks/difftumor_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = " ".join(["python benchmarks/difftumor_quality.py", *(shlex.quote(a) for a in sys.argv[1:])])
     threads = os.environ.get("OMP_NUM_THREADS", "all")
     log(f"DiffTumor quality, scale {args.scale} -> {out}; threads {threads} (torch {torch.get_num_threads()}), load "
         f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")  # fmt: skip
@@ -744,8 +744,9 @@ def main() -> int:
 
     # 1-2: data and point 1's model
     phantom = phantom_data(out / "data" / "phantom", settings)
-    split = prepared_split(phantom, out / "data" / "crops_tumor", "pancreas",
-                           margin_mm=settings["tumor_margin_mm"]).resolve()  # a symlinked data folder too
+    split = prepared_split(
+        phantom, out / "data" / "crops_tumor", "pancreas", margin_mm=settings["tumor_margin_mm"]
+    ).resolve()  # a symlinked data folder too
     training, validation, test = (records(split, s) for s in ("training", "validation", "test"))
     healthy = [r for r in test if not r.get("has_tumor")]
     if not healthy:
