@@ -61,9 +61,10 @@ KILL_TESTS = {
     ("difftumor", ("train.json",)): "test_bundle_difftumor.py::test_a_killed_training_resumes_from_its_last_epoch",
     ("difftumor", ("train.json", "train_diffusion.json")): "test_fault_tolerance.py::...[difftumor train_diffusion]",
 }  # fmt: skip
-#: overlays that are not training configs of their own (DDP, evaluation, backbone switches, BraTS adaptation)
+#: overlays that are not training configs of their own (DDP, evaluation, backbone switches, BraTS adaptation,
+#: tumor-centred crop sampling): they change what train.json trains on, not how it checkpoints and resumes
 NOT_TRAINING = re.compile(
-    r"^(multi_gpu_.*|evaluate.*|inference.*|backbone_.*|binary|adapt_brats|memorization|metadata)$"
+    r"^(multi_gpu_.*|evaluate.*|inference.*|backbone_.*|binary|tumor_crops|adapt_brats|memorization|metadata)$"
 )
 
 
