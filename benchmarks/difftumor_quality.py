@@ -28,10 +28,11 @@ refuses to start. Steps:
 4. the autoencoder: reconstruction MAE (HU, inside the pancreas) of the held-out crops (validation + test) in the
    model's space (RAS, ``model_spacing``, the bundle's HU window), beside the phantom's noise floor: the same crops
    rendered again with another scanner-noise seed (``tools.phantom.twin``) and compared the same way;
-5. insertion: one tumor per family into every healthy test crop (``TumorSynthesisd``, the same seed per crop for the
-   three families), size classes from the training tumors' quartiles (``tools.studies.tumor_size_classes``) drawn
-   from ``INSERT_PROBS`` (difftumor, handcrafted), the cellular automaton grown ``CELLULAR_STEPS`` steps; the radius
-   of each inserted tumor is measured from its label (``tools.tumor_stats``);
+5. insertion: ``INSERT_DRAWS`` tumors per family into every healthy test crop, each into its own copy
+   (``TumorSynthesisd``, the same seeds for the three families), size classes from the training tumors' quartiles
+   (``tools.studies.tumor_size_classes``), read as the label's equivalent radius (``SIZE_MEASURE``), drawn from
+   ``INSERT_PROBS`` (difftumor, handcrafted), the cellular automaton grown ``CELLULAR_STEPS`` steps; the radius of
+   each inserted tumor is measured from its label (``tools.tumor_stats``);
 6. the checks per family: median HU inside the synthetic tumors against the training crops' real tumors; point 1's
    model (seg_unet3d ``evaluate.json`` with the scale's ``tumor_eval`` post-processing) on the inserted crops, lesion
    sensitivity for equivalent radius >= 10 mm beside its sensitivity on the real test tumors (evaluated again here,
@@ -82,6 +83,14 @@ BAR = {"autoencoder_margin_hu": 15.0, "median_hu": 15.0, "sensitivity_10mm": 0.7
 #: size classes of the inserted tumors (the training tumors' quartile classes): mostly the upper half, so that enough
 #: tumors of radius >= 10 mm meet the detection bar, and some small ones so that DiffTumor's early model (T = 4) runs
 INSERT_PROBS = {"small": 0.2, "medium": 0.4, "large": 0.4}
+#: the classes are quartiles of the training tumors' labels, so their radii are read as the label's equivalent radius
+#: (difftumor's ``size_measure="label"``), not as the reference's ellipsoid radii before the clipping to the organ
+#: (which left 2 of 31 inserted tumors >= 10 mm in the first run, see the docs)
+SIZE_MEASURE = "label"
+SIZE_MEASURE_TEXT = {"label": "the label's equivalent radius", "ellipsoid": "the ellipsoid's radii before clipping"}
+#: insertions per healthy test crop and family (each its own case, seed ``INSERT_SEED + INSERT_DRAWS * index + draw``),
+#: so that the detection bar has about 20 tumors >= 10 mm from the 27 healthy test crops
+INSERT_DRAWS = 2
 #: the cellular automaton has no size classes: its size comes from its growth steps (1 mm each); the upper part of
 #: the reference's 5-80
 CELLULAR_STEPS = (30, 80)
@@ -386,7 +395,7 @@ def family_args(family: str, settings: Mapping[str, Any], weights: Mapping[str, 
     if family == "cellular":
         args.setdefault("steps", list(CELLULAR_STEPS))
     if size_classes is not None and family in ("difftumor", "handcrafted"):
-        args.setdefault("mask_generator", {"classes": str(size_classes)})
+        args.setdefault("mask_generator", {"classes": str(size_classes), "size_measure": SIZE_MEASURE})
     return args
 
 
@@ -401,10 +410,11 @@ def unchanged_margin_mm(synthesis, affine: np.ndarray) -> float:
     return 2.0 * float(np.max(spacing))
 
 
-def insert_family(family: str, transform, healthy: Sequence[Mapping[str, Any]], folder: Path) -> list[dict]:
-    """One tumor into each healthy crop (seed ``INSERT_SEED + index``), saved beside the originals' layout; per case
-    the record for seg_unet3d, the inserted tumors' radii, the HU inside them and the largest change outside the
-    dilated tumor (read back from the saved file)."""
+def insert_family(family: str, transform, healthy: Sequence[Mapping[str, Any]], folder: Path,
+                  draws: int = INSERT_DRAWS) -> list[dict]:  # fmt: skip
+    """``draws`` insertions into each healthy crop, each a case of its own (seed ``INSERT_SEED + draws x index +
+    draw``), saved beside the originals' layout; per case the record for seg_unet3d, the inserted tumors' radii, the
+    HU inside them and the largest change outside the dilated tumor (read back from the saved file)."""
     import torch
     from monai.data import MetaTensor
 
@@ -416,15 +426,16 @@ def insert_family(family: str, transform, healthy: Sequence[Mapping[str, Any]], 
     from difftumor_scripts.synthesis import dilate_mm
 
     rows = []
-    for index, record in enumerate(healthy):
+    for index, draw in ((i, d) for i in range(len(healthy)) for d in range(draws)):
+        record = healthy[index]
         hu, affine = load_nifti(record["image"])
         label = load_nifti(record["label"])[0]
         meta_affine = torch.as_tensor(affine, dtype=torch.float64)
         item = {"image": MetaTensor(torch.from_numpy(hu.astype(np.float32)), affine=meta_affine),
                 "label": MetaTensor(torch.from_numpy(label.astype(np.uint8)), affine=meta_affine)}  # fmt: skip
-        transform.set_random_state(INSERT_SEED + index)
+        transform.set_random_state(INSERT_SEED + draws * index + draw)
         result = transform(item)
-        name = f"{Path(record['image']).name.split('.nii')[0]}_{family}"
+        name = f"{Path(record['image']).name.split('.nii')[0]}_{family}_{draw}"
         image_path, label_path = folder / "images" / f"{name}.nii.gz", folder / "labels" / f"{name}.nii.gz"
         save_nifti(image_path, result["image"].numpy().astype(np.float32), affine,
                    descrip=f"SYNTHETIC {family} tumor, benchmarks/difftumor_quality.py")  # fmt: skip
@@ -664,12 +675,13 @@ def montage(path: Path, real: Sequence[Mapping[str, Any]], inserted: Mapping[str
     from tools.figures import ABDOMEN_WINDOW, focus_slices, outline_legend, save_figure, show_slice, to_ras, window_name
     from tools.io import load_nifti, voxel_spacing
 
-    rows = min(MONTAGE_ROWS, len(real), *(len(v) for v in inserted.values()))
+    # one row per healthy crop (its first insertion): the rows of ``inserted`` hold INSERT_DRAWS insertions per crop
+    rows = min(MONTAGE_ROWS, len(real), *(len(v) // INSERT_DRAWS for v in inserted.values()))
     columns = ["real (training)", *inserted]
     fig, axes = plt.subplots(max(rows, 1), len(columns), squeeze=False, layout="constrained",
                              figsize=(2.6 * len(columns), 2.9 * max(rows, 1) + 0.6))  # fmt: skip
     for row in range(rows):
-        cases = [real[row]] + [inserted[family][row] for family in inserted]
+        cases = [real[row]] + [inserted[family][row * INSERT_DRAWS] for family in inserted]
         for ax, name, case in zip(axes[row], columns, cases):
             volume, affine = load_nifti(case["image"])
             label = to_ras(load_nifti(case["label"])[0], affine)[0]
@@ -691,7 +703,9 @@ def markdown(result: Mapping[str, Any]) -> str:
              f"Command: `{result['command']}`", "",
              f"Data: {data['training']} training / {data['validation']} validation / {data['test']} test crops; "
              f"{data['real_tumors']} real training tumors (median HU {result['real']['median_hu']:.1f}); "
-             f"{data['healthy_test']} healthy test crops receive one tumor per family. Point 1's model: "
+             f"{data['healthy_test']} healthy test crops receive {result['insertion']['draws']} tumors per family, "
+             f"each into its own copy (size classes: {SIZE_MEASURE_TEXT[result['insertion']['size_measure']]}). "
+             f"Point 1's model: "
              f"`{result['tumor_model_dir']}`.", ""]  # fmt: skip
     for family in FAMILIES:
         outcome = result["families"][family]
@@ -700,7 +714,8 @@ def markdown(result: Mapping[str, Any]) -> str:
             verdict = "-" if row["pass"] is None else ("yes" if row["pass"] else "NO")
             lines.append(f"| {row['bar']} | {row['measured']} | {row['required']} | {verdict} |")
         radii = outcome["radii_mm"]
-        lines += ["", f"Inserted into {len(outcome['cases'])} healthy test crops: {len(radii)} tumors (connected "
+        lines += ["", f"{len(outcome['cases'])} insertions ({data['healthy_test']} healthy test crops x "
+                  f"{result['insertion']['draws']}): {len(radii)} tumors (connected "
                   f"components), {sum(r >= RADIUS_MM for r in radii)} of equivalent radius >= {RADIUS_MM:g} mm.",
                   ""]  # fmt: skip
     seconds = result["seconds"]
@@ -855,7 +870,8 @@ def main() -> int:
         "smoke": bool(args.smoke),
         "settings": to_json({k: settings.get(k) for k in (*SEG_RECIPE_KEYS, "tumor_family_args", "difftumor_train")}),
         "insertion": {"tumor_probs": INSERT_PROBS, "cellular_steps": list(CELLULAR_STEPS), "seed": INSERT_SEED,
-                      "size_classes": str(classes) if classes else None},  # fmt: skip
+                      "size_classes": str(classes) if classes else None, "size_measure": SIZE_MEASURE,
+                      "draws": INSERT_DRAWS},  # fmt: skip
         "tumor_model_dir": str(model_dir),
         "data": {"training": len(training), "validation": len(validation), "test": len(test),
                  "healthy_test": len(healthy), "real_tumors": sum(len(c["tumors"]) for c in real_cases)},  # fmt: skip

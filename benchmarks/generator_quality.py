@@ -1,7 +1,7 @@
 """Benchmark: issue 14's quality bars of one whole-image generator, over training seeds, printed as a table.
 
     python benchmarks/generator_quality.py --generator vae_ct [--variants vae,vaegan,gan] [--seeds 0 1] [--scale S]
-    python benchmarks/generator_quality.py --generator ldm_abdomen [--seeds 0 1] [--scale S]
+    python benchmarks/generator_quality.py --generator ldm_abdomen [--variants ldm,ldm_rflow] [--seeds 0 1] [--scale S]
     python benchmarks/generator_quality.py --generator vae_ct --smoke   # seconds: tiny sizes, in runs/..._smoke
 
 ``--scale`` (default ``benchmarks/generator_recipes.json``: the demo scale with the generators' CPU recipes) is a
@@ -16,7 +16,8 @@ scale of ``tools.studies`` or a JSON scale file. Results go to ``--out`` (defaul
    patients only pick its best epoch); bar: its pancreas Dice on the real test crops >= 0.6;
 3. the generator trained with the scale's recipe once per ``--seeds`` seed, the seeds in parallel as separate processes
    of one thread each, as the demo trains its two generators; vae_ct: one training per variant (VAE, VAE-GAN, GAN:
-   ``train.json`` + the family's overlay + ``train_3d.json``); ldm_abdomen: autoencoder, diffusion model, ControlNet.
+   ``train.json`` + the family's overlay + ``train_3d.json``); ldm_abdomen: autoencoder, diffusion model, ControlNet
+   (``ldm``: the recipe's noise prediction, sampled by DDIM; ``ldm_rflow``: rectified flow, ``LDM_VARIANTS``).
    Bar: the training's wall time, all stages, <= 600 s;
 4. each trained generator makes 2 samples (item seeds differ) per held-out mask; the untrained generator (the same
    configs trained for one epoch at learning rate 0: its initial random weights) makes the same set once per
@@ -55,7 +56,17 @@ from tools.phantom.twin import phantom_label, render_with_other_noise  # the noi
 REPO = Path(__file__).resolve().parents[1]
 #: issue 14's CPU recipes: the demo scale with the generators' training settings replaced (a tools.studies scale file)
 RECIPES = REPO / "benchmarks" / "generator_recipes.json"
-GENERATORS = {"vae_ct": ("vae", "vaegan", "gan"), "ldm_abdomen": ("ldm",)}
+GENERATORS = {"vae_ct": ("vae", "vaegan", "gan"), "ldm_abdomen": ("ldm", "ldm_rflow")}
+#: ldm_abdomen's variants on top of the scale's recipe: ``ldm_rflow`` trains the diffusion model and the ControlNet as
+#: rectified flow and samples with it (30 steps, the bundle's default for rflow);
+#: ``benchmarks/ldm_abdomen_samplers.py`` found its label consistency well above the noise-predicting model's
+LDM_VARIANTS = {
+    "ldm": {},
+    "ldm_rflow": {
+        "ldm_train": {"train_scheduler": "rflow"},
+        "ldm_infer": {"sampler": "rflow", "num_inference_steps": 30},
+    },
+}
 #: the command line's variant names -> vae_ct's generator families (``tools.studies.VAE_FAMILIES``)
 VAE_FAMILY = {"vae": "vae", "vaegan": "vae_gan", "gan": "gan"}
 LDM_RECIPE_KEYS = ("ldm_nets", "ldm_train", "ldm_stage", "ldm_epochs", "ldm_infer")
@@ -135,11 +146,16 @@ def benchmark_settings(scale: str, smoke: bool) -> dict[str, Any]:
 
 
 def variant_settings(settings: Mapping[str, Any], variant: str) -> dict[str, Any]:
-    """The settings a vae_ct variant trains with: the scale's ``vae`` recipe plus, for the adversarial families, the
-    scale's ``vae_variants[<variant>]`` overrides when it has them, else widths derived from the VAE's (the patch
+    """The settings a variant trains with. ldm_abdomen: the scale's recipe with ``LDM_VARIANTS[variant]`` merged into
+    its groups. vae_ct: the scale's ``vae`` recipe plus, for the adversarial families, the scale's
+    ``vae_variants[<variant>]`` overrides when it has them, else widths derived from the VAE's (the patch
     discriminator at the configs' ratio of 2x the encoder's first width; the GAN generator mirrors the VAE's
     decoder), as ``benchmarks/cpu_speed.py`` sizes them."""
     out = deepcopy(dict(settings))
+    if variant in LDM_VARIANTS:
+        for group, keys in LDM_VARIANTS[variant].items():
+            out[group] = {**out.get(group, {}), **keys}
+        return out
     vae = out["vae"]
     channels, strides = vae.get("channels"), vae.get("strides")
     derived: dict[str, Any] = {}
@@ -250,8 +266,7 @@ def train_and_synthesize(out: Path, generator: str, variant: str, seed: int | No
     saved = json.loads((out / "settings.json").read_text())
     settings = saved["settings"]
     split, heldout = Path(saved["split"]), Path(saved["heldout"])
-    if generator == "vae_ct":
-        settings = variant_settings(settings, variant)
+    settings = variant_settings(settings, variant)
     if seed is None:
         settings = untrained_settings(settings, generator, variant)
     folder = claim(run_folder(out, variant, seed), generator_fingerprint(settings, generator, variant))
@@ -741,7 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results = {}
     for variant in variants:
-        used = variant_settings(settings, variant) if args.generator == "vae_ct" else settings
+        used = variant_settings(settings, variant)
         recipe = used["vae"] if args.generator == "vae_ct" else {k: used[k] for k in LDM_RECIPE_KEYS}
         log(f"{variant}: recipe {json.dumps(to_json(recipe))}")
         try:

@@ -20,7 +20,9 @@ tumor studies use. Steps:
 4. the bars, as ``measured / required / pass``: tumor Dice (mean over the tumor-bearing test scans) >= 0.5, lesion
    sensitivity for equivalent radius >= 10 mm >= 0.8, patient-level specificity on the healthy scans >= 0.8, and
    the training's wall time <= 20 min; beside them false-positive lesions per scan, the per-bin lesion counts with
-   their Wilson 95 % intervals, and the validation curve;
+   their Wilson 95 % intervals, the validation curve, and what limits the Dice: the tumor-bearing scans grouped by
+   their largest tumor's radius and its contrast to the scan's pancreas, with their mean Dice and how much of the
+   labelled tumor the model predicts;
 5. ``result.json`` (every number, the settings and the command), ``result.md`` (the tables) and ``curve.png``.
 
 A rerun with the same ``--out`` reuses the data; a killed training resumes from its last checkpoint, and a finished
@@ -43,8 +45,9 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 from smoke import parse_args_with_smoke
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +136,61 @@ def measure(folder: Path) -> dict[str, Any]:
         "false_positive_lesions_per_healthy_scan": patient["false_positive_lesions_per_healthy_scan"],
         "bins": summary["detection"],
         "min_tumor_mm3": summary["settings"]["min_tumor_mm3"],
+        "dice_by_case_kind": dice_by_case_kind(folder / "eval", lesions),
     }
+
+
+#: tumor-to-pancreas contrast bins (HU) of the Dice breakdown: isodense, faint, visible
+CONTRAST_BINS_HU = (10.0, 20.0)
+
+
+def dice_by_case_kind(eval_dir: Path, lesions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What limits the tumor Dice: the tumor-bearing test scans grouped by their largest tumor (radius < or >= 10 mm)
+    and by its contrast (median HU of the scan's pancreas label minus that of its tumor label, in the bins of
+    ``CONTRAST_BINS_HU``); per group the scans, the mean tumor Dice and the median ratio predicted / labelled tumor
+    voxels (under 1: the model segments less tumor than the label holds)."""
+    from tools.io import load_nifti
+
+    largest: dict[str, float] = {}
+    for lesion in lesions:
+        largest[lesion["case"]] = max(largest.get(lesion["case"], 0.0), lesion["radius_mm"])
+    scans = []
+    with open(eval_dir / "metrics_per_case.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["has_tumor"] != "True":
+                continue
+            ct = load_nifti(row["image"])[0]
+            label = load_nifti(row["label"])[0]
+            pancreas, tumor = ct[label == 1], ct[label == 2]
+            contrast = float(np.median(pancreas) - np.median(tumor)) if pancreas.size and tumor.size else math.nan
+            scans.append(
+                {
+                    "large": largest.get(row["case"], 0.0) >= RADIUS_MM,
+                    "contrast_hu": contrast,
+                    "dice": float(row["tumor_dice"]),
+                    "volume_ratio": float(row["tumor_pred_voxels"]) / max(float(row["tumor_gt_voxels"]), 1.0),
+                }
+            )
+    low, high = CONTRAST_BINS_HU
+    kinds = {"radius >= 10 mm": lambda s: s["large"], "radius < 10 mm": lambda s: not s["large"],
+             f"contrast < {low:g} HU": lambda s: s["contrast_hu"] < low,
+             f"contrast {low:g}-{high:g} HU": lambda s: low <= s["contrast_hu"] < high,
+             f"contrast >= {high:g} HU": lambda s: s["contrast_hu"] >= high,
+             f"radius >= 10 mm and contrast >= {high:g} HU": lambda s: s["large"] and s["contrast_hu"] >= high,
+             "all": lambda s: True}  # fmt: skip
+    out = []
+    for kind, chosen in kinds.items():
+        group = [scan for scan in scans if chosen(scan)]
+        out.append(
+            {
+                "kind": kind,
+                "scans": len(group),
+                "mean_dice": float(np.mean([g["dice"] for g in group])) if group else math.nan,
+                "median_volume_ratio": float(np.median([g["volume_ratio"] for g in group])) if group else math.nan,
+                "median_contrast_hu": float(np.median([g["contrast_hu"] for g in group])) if group else math.nan,
+            }
+        )
+    return out
 
 
 def postprocessing_on_validation(folder: Path, split: Path, settings: Mapping[str, Any],
@@ -255,6 +312,13 @@ def markdown(result: Mapping[str, Any]) -> str:
         sens = "-" if not row["lesions"] else f"{row['sensitivity']:.2f}"
         ci = "-" if not row["lesions"] else f"{row['ci_low']:.2f}-{row['ci_high']:.2f}"
         lines.append(f"| {row['bin']} | {row['lesions']} | {row['detected']} | {sens} | {ci} |")
+    lines += ["", "What limits the Dice: the tumor-bearing test scans by their largest tumor and its contrast "
+              "(median HU of the scan's pancreas label minus its tumor label's):", "",
+              "| scans | n | mean tumor Dice | median predicted / labelled tumor voxels | median contrast (HU) |",
+              "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in f.get("dice_by_case_kind", []):
+        lines.append(f"| {row['kind']} | {row['scans']} | {row['mean_dice']:.3f} | {row['median_volume_ratio']:.2f} | "
+                     f"{row['median_contrast_hu']:.1f} |")  # fmt: skip
     seconds = result["seconds"]
     lines += ["", f"Time: data {seconds['data']:.0f} s, training {seconds['training']:.0f} s, evaluation "
               f"{seconds['evaluation']:.0f} s. Curve: `curve.png`.", ""]  # fmt: skip

@@ -128,12 +128,26 @@ def test_cpu_speed_smoke_run_prints_every_ratio_and_a_conclusion_per_bundle(tmp_
 BENCHMARKS = SMOKE_MODULE.parent
 
 
-def load_generator_quality(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its sibling smoke.py
-    spec = importlib.util.spec_from_file_location("benchmarks_generator_quality", BENCHMARKS / "generator_quality.py")
+def load_benchmark(monkeypatch, file: str):
+    """A script of benchmarks/ as a module (the scripts import their siblings, e.g. smoke.py)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{Path(file).stem}", BENCHMARKS / file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_smoke(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> --smoke *args`` in a fresh process: it must succeed and print the smoke banner first."""
+    command = [sys.executable, str(BENCHMARKS / script), "--smoke", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.stdout.splitlines()[0] == load_smoke().SMOKE_BANNER
+    return result
+
+
+def load_generator_quality(monkeypatch):
+    return load_benchmark(monkeypatch, "generator_quality.py")
 
 
 def quality_inputs(**changes):
@@ -233,13 +247,9 @@ def test_generator_quality_smoke_runs_every_step(generator, tmp_path):
     """The documented command with --smoke: data, judge, both seeds in parallel processes, untrained ceiling, every
     bar of every variant, montage, quality.md / .json; exit 0 (bars missed at smoke size are no error)."""
     out = tmp_path / generator
-    command = [sys.executable, str(BENCHMARKS / "generator_quality.py"), "--generator", generator, "--smoke",
-               "--out", str(out)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.stdout.splitlines()[0] == load_smoke().SMOKE_BANNER
+    run_smoke("generator_quality.py", "--generator", generator, "--out", str(out), timeout=900)
     report = json.loads((out / "quality.json").read_text())
-    variants = {"vae_ct": ["vae", "vaegan", "gan"], "ldm_abdomen": ["ldm"]}[generator]
+    variants = {"vae_ct": ["vae", "vaegan", "gan"], "ldm_abdomen": ["ldm", "ldm_rflow"]}[generator]
     assert list(report["results"]) == variants
     per_seed = 10 if generator == "ldm_abdomen" else 9
     for variant, outcome in report["results"].items():
@@ -251,15 +261,53 @@ def test_generator_quality_smoke_runs_every_step(generator, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# benchmarks/ldm_abdomen_samplers.py (issue 14 point 3): equal quality, and its smoke run
+
+
+def load_sampler_benchmark(monkeypatch):
+    return load_benchmark(monkeypatch, "ldm_abdomen_samplers.py")
+
+
+def test_samplers_are_of_equal_quality_at_the_limits_and_not_beyond(monkeypatch):
+    bench = load_sampler_benchmark(monkeypatch)
+    reference = {"sampler": "ddpm", "steps": 1000, "seconds": 100.0, "dice": 0.25, "wasserstein_hu": 30.0}
+    cases = [({"dice": 0.2, "wasserstein_hu": 40.0}, True), ({"dice": 0.3, "wasserstein_hu": 20.0}, True),
+             ({"dice": 0.19, "wasserstein_hu": 30.0}, False), ({"dice": 0.25, "wasserstein_hu": 40.5}, False),
+             ({"dice": float("nan"), "wasserstein_hu": 30.0}, False)]  # fmt: skip
+    rows = bench.compare([dict(reference)] + [{**reference, "sampler": "ddim", "steps": 50, "seconds": 5.0, **change}
+                                              for change, _ in cases])  # fmt: skip
+    assert rows[0]["equal_quality"] and rows[0]["time_ratio"] == 1.0
+    assert [row["equal_quality"] for row in rows[1:]] == [expected for _, expected in cases]
+    assert [row["verdict"] for row in rows] == ["reference", "equal", "equal", "worse", "worse", "worse"]
+    assert rows[1]["time_ratio"] == 0.05
+    better = bench.compare([dict(reference), {**reference, "dice": 0.5, "wasserstein_hu": 12.0},
+                            {**reference, "dice": 0.5, "wasserstein_hu": 41.0}])  # fmt: skip
+    assert [row["verdict"] for row in better] == ["reference", "better", "worse"]
+    lines = bench.table_lines(rows)
+    assert "time / DDPM-1000" in lines[0] and lines[2].endswith("| reference |") and lines[3].endswith("| equal |")
+
+
+@pytest.mark.slow
+def test_ldm_abdomen_samplers_smoke_runs_every_step(tmp_path):
+    """The documented command with --smoke: data and judge of generator_quality, a noise-predicting and a
+    rectified-flow training sharing one autoencoder, every sampler's set measured, the table."""
+    run_smoke("ldm_abdomen_samplers.py", "--out", str(tmp_path / "s"), "--quality_dir", str(tmp_path / "q"))
+    report = json.loads((tmp_path / "s" / "result.json").read_text())
+    assert [(row["sampler"], row["steps"]) for row in report["rows"]] == [("ddpm", 4), ("ddim", 3), ("ddim", 2),
+                                                                          ("rflow", 3), ("rflow", 2)]  # fmt: skip
+    rflow_ckpt = tmp_path / "s" / "rflow" / "seed0" / "models"
+    assert json.loads((rflow_ckpt / "latent_stats.json").read_text())["objective"] == "rflow"
+    ddpm_ckpt = tmp_path / "s" / "ddpm" / "seed0" / "models"  # trained here: the quality folder had no training
+    assert (rflow_ckpt / "model_autoencoder.pt").read_bytes() == (ddpm_ckpt / "model_autoencoder.pt").read_bytes()
+    assert "| sampler | model | steps |" in (tmp_path / "s" / "result.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # benchmarks/seg_unet3d_tumor.py (issue 15): its bars, and its smoke run
 
 
 def load_tumor_benchmark(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("benchmarks_seg_unet3d_tumor", BENCHMARKS / "seg_unet3d_tumor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(monkeypatch, "seg_unet3d_tumor.py")
 
 
 def tumor_figures(**changes):
@@ -286,10 +334,7 @@ def test_seg_unet3d_tumor_smoke_runs_every_step(tmp_path):
     """The documented command with --smoke: phantom, crops, training with the tumor recipe's configs, evaluation,
     the bars, the per-bin table with intervals and the curve figure."""
     out = tmp_path / "tumor"
-    command = [sys.executable, str(BENCHMARKS / "seg_unet3d_tumor.py"), "--smoke", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.stdout.splitlines()[0] == load_smoke().SMOKE_BANNER
+    run_smoke("seg_unet3d_tumor.py", "--out", str(out))
     report = json.loads((out / "result.json").read_text())
     assert [row["bar"] for row in report["bars"]][-1] == "training wall time (min)"
     assert report["settings"]["tumor_seg_configs"] == ["train.json", "tumor_crops.json"]
@@ -302,11 +347,7 @@ def test_seg_unet3d_tumor_smoke_runs_every_step(tmp_path):
 
 
 def load_difftumor_benchmark(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports its siblings smoke.py and seg_unet3d_tumor.py
-    spec = importlib.util.spec_from_file_location("benchmarks_difftumor_quality", BENCHMARKS / "difftumor_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(monkeypatch, "difftumor_quality.py")
 
 
 def difftumor_inputs(**changes):
@@ -434,10 +475,7 @@ def test_difftumor_quality_smoke_runs_every_step(tmp_path):
     autoencoder against the noise floor, insertion of the three families, detection, AUC, tables and montage; a
     rerun reuses the trained stages."""
     out = tmp_path / "difftumor"
-    command = [sys.executable, str(BENCHMARKS / "difftumor_quality.py"), "--smoke", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.stdout.splitlines()[0] == load_smoke().SMOKE_BANNER
+    run_smoke("difftumor_quality.py", "--out", str(out))
     report = json.loads((out / "result.json").read_text())
     assert set(report["training"]["seconds"]) == {"autoencoder", "early", "medium_large"}
     assert report["autoencoder"]["n_cases"] > 0 and report["autoencoder"]["noise_floor_hu"] > 0
@@ -446,6 +484,43 @@ def test_difftumor_quality_smoke_runs_every_step(tmp_path):
         assert bars["largest change outside the dilated tumor (HU)"]["pass"]  # holds at any size
         assert any(bar.startswith("real-vs-synthetic classifier AUC") for bar in bars)
     assert len(report["families"]["difftumor"]["bars"]) == 6 and len(report["families"]["cellular"]["bars"]) == 4
+    insertion, healthy = report["insertion"], report["data"]["healthy_test"]
+    assert (insertion["draws"], insertion["size_measure"]) == (2, "label")
+    assert all(report["families"][f]["measures"]["cases"] == 2 * healthy for f in ("difftumor", "cellular"))
     assert (out / "montage.png").is_file() and (out / "result.md").read_text().count("| bar | measured |") == 3
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    again = run_smoke("difftumor_quality.py", "--out", str(out))
     assert again.returncode == 0 and again.stdout.count("trained before with these settings") == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/quality_gate.py (issue 14 point 5): the quality gate graded by a second judge, its smoke run
+
+
+@pytest.mark.slow
+def test_quality_gate_smoke_runs_every_step(tmp_path):
+    """The documented command with --smoke: tiny data, first judge and the three generators (generator_quality's
+    functions), the second judge (seed 1), each generator's set without and with the gate, both graded, the table."""
+    out = tmp_path / "gate"
+    run_smoke("quality_gate.py", "--out", str(out))
+    report = json.loads((out / "result.json").read_text())
+    generators = ["vae_ct:vaegan", "vae_ct:gan", "ldm_abdomen:ldm"]
+    assert [r["generator"] for r in report["results"]] == generators and not report["errors"]
+    for row in report["results"]:
+        ungated, gated = row["ungated"], row["gated"]
+        assert ungated["second_judge"]["n"] == gated["second_judge"]["n"] == gated["first_judge"]["n"] > 0
+        assert 1.0 <= gated["first_judge"]["mean_tries"] <= 2.0  # the smoke's --gate_tries 2
+        for grade in (ungated["second_judge"], gated["second_judge"], ungated["first_judge"]):
+            assert 0.0 <= grade["pass_fraction"] <= 1.0 and set(grade["per_case"]) == set(
+                ungated["second_judge"]["per_case"])  # fmt: skip
+        # a case the gate kept at its first try is the ungated case (same seed): the second judge grades it alike
+        folder = out / row["generator"].replace(":", "_")
+        gated_list = json.loads((folder / "gated" / "datalist.json").read_text())["training"]
+        assert all("quality_gate" in entry for entry in gated_list)
+        for entry in gated_list:
+            if entry["quality_gate"]["kept_try"] == 1:
+                case = entry["case"]
+                assert gated["second_judge"]["per_case"][case] == ungated["second_judge"]["per_case"][case], case
+                assert (folder / "gated" / entry["image"]).read_bytes() == (folder / "ungated" /
+                                                                            entry["image"]).read_bytes()  # fmt: skip
+    assert (out / "judge_seed1" / "models" / "model.pt").is_file()
+    assert "| generator | set | cases | passes judge 2 (seed 1) |" in (out / "result.md").read_text()

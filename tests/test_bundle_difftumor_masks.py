@@ -118,6 +118,39 @@ def test_radii_are_millimetres_converted_by_the_voxel_spacing():
     assert abs(volume_mm3 - 4 / 3 * np.pi * 12**3) / (4 / 3 * np.pi * 12**3) < 0.1
 
 
+def test_label_size_measure_reaches_the_equivalent_radius_a_thin_organ_clips_away():
+    """A slab 8 mm thick (a thin pancreas): the reference's ellipsoid radii end clipped far below the class, the
+    label measure grows the same deformed ellipsoid until the label's equivalent radius is the drawn target."""
+    spacing = np.array([1.5, 1.5, 2.0])
+    affine = np.diag([*spacing, 1.0])
+    slab = np.zeros((100, 100, 30), dtype=bool)
+    slab[10:90, 10:90, 13:17] = True  # 120 x 120 x 8 mm
+    medium = masks.SizeClass("medium", (10.0, 12.0), (1.0, 2.0), (1, 1))
+    for seed in range(4):
+        clipped = masks.TumorMaskGenerator({"medium": medium})(slab, np.random.RandomState(seed), "medium", affine)
+        grown = masks.TumorMaskGenerator({"medium": medium}, size_measure="label")(
+            slab, np.random.RandomState(seed), "medium", affine
+        )
+        tumor = grown.tumors[0]
+        assert 10.0 <= tumor["target_radius_mm"] <= 12.0
+        reached = masks.equivalent_radius_mm(grown.mask, affine)
+        assert abs(reached - tumor["target_radius_mm"]) <= 0.05 * tumor["target_radius_mm"], tumor
+        assert reached == pytest.approx(tumor["label_radius_mm"]) and tumor["scale"] > 1.0
+        assert masks.equivalent_radius_mm(clipped.mask, affine) < 0.9 * reached
+        assert not (grown.mask & ~slab).any()
+        again = masks.TumorMaskGenerator({"medium": medium}, size_measure="label")(
+            slab, np.random.RandomState(seed), "medium", affine
+        )
+        assert np.array_equal(again.mask, grown.mask)  # seeded, however many sizes were tried
+    # an organ too small for the target keeps what the largest scale reaches, and says so
+    tiny = np.zeros((20, 20, 20), dtype=bool)
+    tiny[8:12, 8:12, 8:12] = True
+    draw = masks.TumorMaskGenerator({"medium": medium}, size_measure="label")(tiny, np.random.RandomState(0), "medium")
+    assert draw.tumors[0]["scale"] == masks.MAX_LABEL_SCALE and draw.tumors[0]["label_radius_mm"] < 10.0
+    with pytest.raises(ValueError, match="size_measure 'volume': expected one of"):
+        masks.TumorMaskGenerator(size_measure="volume")
+
+
 def test_mixed_follows_its_distribution():
     """``mixed`` class frequencies over 4000 draws match the default weights and custom ones."""
     rng = np.random.RandomState(2)

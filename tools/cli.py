@@ -610,12 +610,19 @@ class Cli:
         section: str = "training",
         max_items: int | None = None,
         progress: bool = True,
+        quality_gate: str | None = None,
+        gate_reference: str | None = None,
+        gate_reference_section: str = "training",
+        gate_overrides=None,
+        gate_tries: int = 3,
+        gate_min_dice: float = 0.5,
     ):
         """Write a synthetic data set with a generative bundle (vae_ct, ldm_abdomen, difftumor) and its datalist.
 
         Resumable (a rerun makes only the missing cases, never rewrites a finished one) and shardable:
         `torchrun --nproc_per_node=N -m tools synthesize ...` splits the cases between N processes. Every file
-        carries the bundle's provenance (NIfTI description SYNTHETIC + sidecar JSON).
+        carries the bundle's provenance (NIfTI description SYNTHETIC + sidecar JSON). With --quality_gate (vae_ct,
+        ldm_abdomen) every case is judged and made again with the next seed while it fails (tools.quality_gate).
 
         Args:
             bundle: vae_ct, ldm_abdomen or difftumor (or a bundle folder).
@@ -631,6 +638,20 @@ class Cli:
             section: datalist section of the source.
             max_items: use only the first records.
             progress: progress bar.
+            quality_gate: the judge of the quality gate: a seg_unet3d model folder holding model.pt (trained on
+                real CT). Each case passes when the judge's pancreas Dice to the mask reaches --gate_min_dice and
+                its median HU inside the pancreas label lies within mean +- 3 sd of the real per-case medians of
+                --gate_reference (MAISI's check); a failing case is made again with the next seed (try t of sample
+                k of record m: seed + 100000 m + k + 10000 t), up to --gate_tries tries. Every try is recorded in
+                the case's sidecars; a case that never passed keeps the try with the highest Dice and is marked
+                "quality_gate": {"passed": false} in datalist.json.
+            gate_reference: with --quality_gate: the real datalist JSON or data folder the generator trained on
+                (its pancreas HU medians give the pass range; saved as quality_gate_reference.json in --out).
+            gate_reference_section: the section of --gate_reference to use.
+            gate_overrides: the judge's seg_unet3d overrides as a JSON object (network size, pixdim, roi_size,
+                num_classes: 2 for a binary model), as evaluate synthetic's --seg_overrides.
+            gate_tries: tries per case with --quality_gate: the first plus up to N-1 regenerations (1 to 10).
+            gate_min_dice: the judge's pancreas Dice to the mask from which a case is label-consistent (0 to 1).
         """
         from tools.synthesize import synthesize
 
@@ -639,6 +660,9 @@ class Cli:
             synthesize(
                 bundle, source, out, ckpt_dir=ckpt_dir, configs=names, overrides=_overrides(overrides),
                 samples_per_item=samples_per_item, seed=seed, section=section, max_items=max_items, progress=progress,
+                quality_gate=quality_gate, gate_reference=gate_reference,
+                gate_reference_section=gate_reference_section, gate_overrides=_overrides(gate_overrides),
+                gate_tries=gate_tries, gate_min_dice=gate_min_dice,
             )
         )  # fmt: skip
 

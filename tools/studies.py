@@ -612,9 +612,10 @@ def ldm_image_size(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def synthesize_set(bundle: str, source: Path, out: Path, ckpt_dir: Path, settings: Mapping[str, Any],
                    seed: int = 0, samples_per_item: int = 1, section: str = "training",
-                   family: str = "vae") -> Path:  # fmt: skip
+                   family: str = "vae", gate: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
     """H1's ``tools.synthesize.synthesize`` with the scale's network overrides (vae_ct: of the generator
-    ``family``), ``samples_per_item`` per mask of ``section``; returns the datalist JSON."""
+    ``family``), ``samples_per_item`` per mask of ``section``; returns the datalist JSON. ``gate``: synthesize's
+    quality-gate arguments (``quality_gate``, ``gate_reference``, ``gate_overrides``...)."""
     from tools.synthesize import GENERATORS, synthesize
 
     if bundle == "vae_ct":
@@ -634,7 +635,8 @@ def synthesize_set(bundle: str, source: Path, out: Path, ckpt_dir: Path, setting
     started = time.time()
     existed = (Path(out) / "datalist.json").is_file()
     path = synthesize(bundle, source, out, ckpt_dir=ckpt_dir, configs=configs, overrides=overrides or None,
-                      samples_per_item=samples_per_item, seed=seed, section=section, progress=False)  # fmt: skip
+                      samples_per_item=samples_per_item, seed=seed, section=section, progress=False,
+                      **dict(gate or {}))  # fmt: skip
     if not existed and not (Path(out) / "done.json").is_file():
         write_json(Path(out) / "done.json", {"seconds": round(time.time() - started, 1)})
     path = Path(path)

@@ -18,6 +18,14 @@ then ``datalist.json`` listing the cases. What this module adds to the bundles' 
   ``datalist.json`` from the finished cases when it ends; with several processes each then waits for the others
   and rewrites it, so the list is complete once all are done.
 
+* **Quality gate** (``quality_gate``, :mod:`tools.quality_gate`; vae_ct and ldm_abdomen). Each case is made in
+  ``out/.gate/try<t>/``, judged (a seg_unet3d judge's pancreas Dice to the mask; the median HU inside the pancreas
+  against the real training set's range), and made again with the next seed while it fails, up to ``gate_tries``
+  tries; the kept try's files are then moved into ``out`` with its sidecars recording every try, and the others
+  removed. A case finishes as above, so a rerun keeps finished gated cases and reuses the judged tries of
+  unfinished ones. ``datalist.json`` marks each gated case (``"quality_gate": {"passed": ...}``); a case that
+  passed no try keeps its best one and is marked ``"passed": false``, never dropped.
+
 Output names are ``<case>_s<kkk>_image.nii.gz`` / ``..._label.nii.gz`` (+ ``.json`` sidecars). difftumor writes
 nothing for a source scan it cannot use (a tumor already labelled, no organ voxel): ``<name>.skipped.json`` records
 that, so a rerun does not try again, and the case is left out of the datalist.
@@ -137,7 +145,7 @@ def _provenance(item: Mapping[str, Any], generator: str, seed: int) -> dict[str,
     record = item["record"]
     return {
         "seed": item["seed"],
-        "item_seed": item["seed"],
+        "item_seed": item.get("planned_seed", item["seed"]),  # a gated try's seed differs from its case's
         "sample": item["sample"],
         "source_index": item["index"],
         "source_patient": str(record.get("patient") or record.get("case") or _stem(record.get("label") or "")),
@@ -281,7 +289,8 @@ def _check_manifest(out: Path, manifest: dict) -> None:
     path = out / "synthesize.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        keys = ("bundle", "generator", "seed", "source", "section", "samples_per_item", "overrides", "configs")
+        keys = ("bundle", "generator", "seed", "source", "section", "samples_per_item", "overrides", "configs",
+                "quality_gate")  # fmt: skip
         diff = [k for k in keys if saved.get(k) != manifest.get(k)]
         if diff and not any(out.glob("*_label.json")) and not any(out.glob("*.skipped.json")):
             write_json(path, manifest)  # nothing was made with the old settings (e.g. a run that failed at start)
@@ -298,6 +307,7 @@ def _check_manifest(out: Path, manifest: dict) -> None:
 
 def build_datalist(out: Path, items: Sequence[Mapping[str, Any]], generator: str) -> Path:
     """``out/datalist.json`` from the finished cases of ``items`` (in item order), paths relative to ``out``."""
+    from tools.quality_gate import datalist_mark
     from tools.splits import write_datalist
 
     entries = []
@@ -306,6 +316,7 @@ def build_datalist(out: Path, items: Sequence[Mapping[str, Any]], generator: str
             continue
         files = case_files(out, it["name"])
         sidecar = json.loads(files["image_sidecar"].read_text())
+        gate = {"quality_gate": datalist_mark(sidecar["quality_gate"])} if "quality_gate" in sidecar else {}
         entries.append(
             {
                 "image": str(files["image"]),
@@ -315,16 +326,118 @@ def build_datalist(out: Path, items: Sequence[Mapping[str, Any]], generator: str
                 "generator": generator,
                 "source_patient": sidecar.get("source_patient"),
                 "patient": sidecar.get("source_patient"),
-                "seed": int(sidecar.get("item_seed", it["seed"])),
+                "seed": int(sidecar.get("seed", sidecar.get("item_seed", it["seed"]))),  # the seed that made it
                 "sample": it["sample"],
                 "source_index": it["index"],
                 "source_image": it["record"].get("image"),
                 "checkpoint_sha256": sidecar.get("checkpoint_sha256"),
+                **gate,
             }
         )
     content = {"description": f"synthetic cases written by {generator} (tools.synthesize)", "synthetic": True,
                "generator": generator, "n_expected": len(items), "training": entries}  # fmt: skip
+    gated = [e["quality_gate"] for e in entries if "quality_gate" in e]
+    if gated:
+        content["quality_gate"] = {"n_gated": len(gated), "n_passed": sum(g["passed"] for g in gated),
+                                   "n_failed": sum(not g["passed"] for g in gated),
+                                   "mean_tries": sum(g["tries"] for g in gated) / len(gated)}  # fmt: skip
     return write_datalist(content, out / "datalist.json")
+
+
+#: the generators the quality gate judges: they make whole images from a mask (difftumor edits real scans)
+GATED = ("vae_ct", "ldm_abdomen")
+
+
+def _make_gate(root: Path, quality_gate, reference, section: str, overrides, tries, min_dice, samples_per_item: int):
+    """The :class:`tools.quality_gate.QualityGate` of a run (None without ``quality_gate``); every setting is checked
+    here, before anything is written: a ValueError names the flag, an InputError the file."""
+    from tools.quality_gate import QualityGate, check_settings, hu_reference, judge_weights
+
+    if quality_gate is None:
+        given = [flag for flag, value, default in (("--gate_reference", reference, None),
+                                                   ("--gate_reference_section", section, "training"),
+                                                   ("--gate_overrides", overrides or None, None),
+                                                   ("--gate_tries", tries, 3), ("--gate_min_dice", min_dice, 0.5))
+                 if value != default]  # fmt: skip
+        if given:
+            raise ValueError(f"{', '.join(given)} given without --quality_gate (the judge's seg_unet3d model folder)")
+        return None
+    if root.name not in GATED:
+        raise ValueError(f"--quality_gate judges the whole-image generators {', '.join(GATED)}; {root.name} edits "
+                         "real scans")  # fmt: skip
+    if isinstance(quality_gate, QualityGate):
+        check_settings(quality_gate.tries, quality_gate.min_dice, samples_per_item)
+        return quality_gate
+    check_settings(tries, min_dice, samples_per_item)
+    judge_weights(quality_gate)
+    if reference is None:
+        raise ValueError("--quality_gate needs --gate_reference: the real datalist (or data folder) the generator "
+                         "trained on, whose pancreas HU medians give the pass range")  # fmt: skip
+    return QualityGate(quality_gate, hu_reference(reference, section), dict(overrides or {}), tries, min_dice)
+
+
+def _gate_dir(out: Path, attempt: int) -> Path:
+    """Where try ``attempt`` (0-based) of the gated cases is made and judged."""
+    return out / ".gate" / f"try{attempt + 1}"
+
+
+def _keep_try(out: Path, name: str, block: Mapping[str, Any]) -> None:
+    """Move the kept try of a decided case into ``out``, its sidecars recording the gate (``block``); the label's
+    sidecar moves last, so the case is finished only when all four files are in place. Its other tries go."""
+    src, dst = case_files(_gate_dir(out, block["kept_try"] - 1), name), case_files(out, name)
+    for key in ("image_sidecar", "label_sidecar"):
+        sidecar = json.loads(src[key].read_text())
+        sidecar["quality_gate"] = dict(block)
+        write_json(src[key], sidecar)
+    for key in ("image", "label", "image_sidecar", "label_sidecar"):
+        os.replace(src[key], dst[key])
+    for attempt in range(int(block["max_tries"])):
+        folder = _gate_dir(out, attempt)
+        for path in [*case_files(folder, name).values(), folder / f"{name}.gate.json"]:
+            path.unlink(missing_ok=True)
+
+
+def _run_gated(root: Path, configs, overrides, todo, out: Path, ckpt_dir, source, seed: int, generator: str, gate,
+               rank: int, bar) -> None:  # fmt: skip
+    """Make, judge and keep every case of ``todo`` through the gate (:func:`tools.quality_gate.run_gate`): one
+    bundle workflow and one judge run per try for all cases still failing. A try judged by an earlier, interrupted
+    run (its four files and ``<name>.gate.json`` in ``out/.gate/try<t>``) is reused, not made again."""
+    from tools.bundles import run_config
+    from tools.quality_gate import run_gate, try_seed
+
+    settings = json.loads(json.dumps(gate.describe(), default=str))
+
+    def make_and_judge(pending, attempt):
+        folder = _gate_dir(out, attempt)
+        tries = [{**it, "seed": try_seed(seed, it["index"], it["sample"], attempt), "planned_seed": it["seed"]}
+                 for it in pending]  # fmt: skip
+        judged: dict[str, dict] = {}
+        for t in tries:  # reuse a verdict of an interrupted run made with this seed and these gate settings
+            verdict = folder / f"{t['name']}.gate.json"
+            if verdict.is_file() and is_finished(folder, t["name"]):
+                saved = json.loads(verdict.read_text())
+                if saved.get("settings") == settings and saved.get("checks", {}).get("seed") == t["seed"]:
+                    judged[t["name"]] = saved["checks"]
+        fresh = [t for t in tries if t["name"] not in judged]
+        if fresh:
+            run_config(root, configs, {**overrides, **_bundle_overrides(root.name, fresh, folder, ckpt_dir, source,
+                                                                        seed, generator)})  # fmt: skip
+            missing = [t["name"] for t in fresh if not is_finished(folder, t["name"])]
+            if missing:
+                raise RuntimeError(f"{generator}: try {attempt + 1} of case(s) {missing} was not written")
+            files = [case_files(folder, t["name"]) for t in fresh]
+            checks = gate.judge([{"image": str(f["image"]), "label": str(f["label"])} for f in files],
+                                folder / f"judge_rank{rank}")  # fmt: skip
+            for t, check in zip(fresh, checks):
+                judged[t["name"]] = {"try": attempt + 1, "seed": t["seed"], **check}
+                write_json(folder / f"{t['name']}.gate.json", {"settings": settings, "checks": judged[t["name"]]})
+        return [judged[t["name"]] for t in tries]
+
+    def keep(item, decision):
+        _keep_try(out, item["name"], gate.provenance(decision))
+        bar.update(1)
+
+    run_gate(todo, gate.tries, make_and_judge, keep)
 
 
 def _wait_for_all(out: Path, items: Sequence[Mapping[str, Any]], poll_s: float = 1.0) -> None:
@@ -351,6 +464,12 @@ def synthesize(
     section: str = "training",
     max_items: int | None = None,
     progress: bool = True,
+    quality_gate: str | os.PathLike | Any | None = None,
+    gate_reference: str | os.PathLike | None = None,
+    gate_reference_section: str = "training",
+    gate_overrides: Mapping[str, Any] | None = None,
+    gate_tries: int = 3,
+    gate_min_dice: float = 0.5,
 ) -> Path:
     """Run ``bundle``'s inference over ``source`` and write the synthetic set and ``out/datalist.json``.
 
@@ -370,6 +489,15 @@ def synthesize(
         section: datalist section of ``source``.
         max_items: use only the first records.
         progress: show a progress bar.
+        quality_gate: the quality gate's judge (:mod:`tools.quality_gate`): a seg_unet3d model folder holding
+            ``model.pt`` (or a :class:`tools.quality_gate.QualityGate`, whose own settings then replace the
+            ``gate_*`` arguments). vae_ct and ldm_abdomen only.
+        gate_reference: the real datalist or data folder the generator trained on: per-case median HU inside the
+            pancreas label, pass range mean +- 3 sd (written to ``out/quality_gate_reference.json``).
+        gate_reference_section: its section.
+        gate_overrides: the judge's seg_unet3d overrides (network size, ``pixdim``, ``roi_size``, ``num_classes``).
+        gate_tries: the first try plus up to ``gate_tries - 1`` regenerations (1 to 10).
+        gate_min_dice: the judge's pancreas Dice to the mask from which a case is label-consistent.
 
     Returns the path of ``out/datalist.json``: ``{"training": [{"image", "label", "synthetic": True, "generator",
     "source_patient", "seed", ...}]}``.
@@ -389,6 +517,8 @@ def synthesize(
     generator = _generator_name(root, spec, configs, overrides)
     records = _source_records(spec, source, section, max_items)
     items = plan_items(records, samples_per_item, seed)
+    gate = _make_gate(root, quality_gate, gate_reference, gate_reference_section, gate_overrides, gate_tries,
+                      gate_min_dice, samples_per_item)  # fmt: skip
     rank, world = distributed_context()
     if rank == 0:  # every source file, before anything is written (the other processes wait for the manifest)
         check_sources(root, configs, overrides, items, out, source, seed, generator)
@@ -397,8 +527,16 @@ def synthesize(
                 "source": str(Path(source).resolve()) if isinstance(source, (str, os.PathLike)) else "<records>",
                 "section": section, "samples_per_item": int(samples_per_item), "configs": configs,
                 "overrides": {k: _jsonable(v) for k, v in sorted(overrides.items())}}  # fmt: skip
+    if gate is not None:
+        manifest["quality_gate"] = json.loads(json.dumps(gate.describe(), default=str))
     if rank == 0:
         _check_manifest(out, manifest)
+        if gate is not None:
+            from tools.quality_gate import REFERENCE_FILE
+
+            reference = out / REFERENCE_FILE
+            if not reference.is_file() or json.loads(reference.read_text()) != json.loads(json.dumps(gate.reference)):
+                write_json(reference, gate.reference)
     else:
         deadline = time.time() + 60
         while not (out / "synthesize.json").is_file() and time.time() < deadline:
@@ -414,7 +552,12 @@ def synthesize(
     failed_marker = out / f".failed_rank{rank}.json"
     failed_marker.unlink(missing_ok=True)
     try:
-        if todo:
+        if todo and gate is not None:
+            bar = tqdm(total=len(todo), desc=f"synthesize {generator}, gated ({rank + 1}/{world})",
+                       disable=not progress)  # fmt: skip
+            _run_gated(root, configs, overrides, todo, out, ckpt_dir, source, seed, generator, gate, rank, bar)
+            bar.close()
+        elif todo:
             batches = [[it] for it in todo] if spec.per_item_workflow else [todo]
             bar = tqdm(total=len(todo), desc=f"synthesize {generator} ({rank + 1}/{world})", disable=not progress)
             for batch in batches:
@@ -437,4 +580,8 @@ def synthesize(
     if world > 1:
         _wait_for_all(out, items)
         path = build_datalist(out, items, generator)
+    if gate is not None and rank == 0 and all(is_finished(out, it["name"]) for it in items):
+        import shutil
+
+        shutil.rmtree(out / ".gate", ignore_errors=True)  # every case kept its try: the rest is scratch
     return path

@@ -19,6 +19,14 @@ DiffTumor reference (SPEC 3.4) with the changes the SPEC asks for:
   set's own tumors: the JSON of ``python -m tools data quartiles`` (``tools.tumor_stats.dataset_tumor_stats``) or of
   ``radius_ranges`` (``{"tiny": [lo, hi], ...}``), a path or a dict. Sigmas and counts of (b) and (c) are the
   reference's of the same class.
+* **What a radius measures.** ``size_measure="ellipsoid"`` (the reference's): the class range holds the ellipsoid's
+  per-axis radii before the deformation and the clipping to the organ, so a tumor of a thin organ ends smaller
+  than its class says (a pancreas about 15 mm thick clips a "large" 13-16 mm ellipsoid to an equivalent radius of
+  about 7 mm). ``size_measure="label"``: the class range holds the equivalent radius ``(3 V / 4 pi)^(1/3)`` of the
+  tumor as it ends in the label, the measure of ``tools data quartiles`` (so classes computed from a data set's
+  labels mean what they say): a target is drawn in the range, and the deformed ellipsoid (the same deformation,
+  radii and sigma scaled together) is grown until its clipped part reaches the target, by at most
+  ``MAX_LABEL_SCALE`` times; an organ too small to hold the target keeps the largest tumor that scale allows.
 * **Mixed.** ``tumor_type="mixed"`` draws the class from ``mixed_weights`` (default DiffTumor's online mix: early
   0.8 split 0.5 / 0.5 between tiny and small, medium 0.1, large 0.1); ``"early"`` draws tiny / small 0.5 / 0.5.
 * **Location.** Each tumor centre is a random organ voxel of an axial slice at ``U(0.3, 0.7)`` of the organ's axial
@@ -48,6 +56,13 @@ EARLY_CLASSES = ("tiny", "small")
 DEFAULT_MIXED_WEIGHTS = {"tiny": 0.4, "small": 0.4, "medium": 0.1, "large": 0.1}
 AXIS_PAIRS = ((0, 1), (1, 2), (0, 2))
 CONTROL_POINTS = 3
+SIZE_MEASURES = ("ellipsoid", "label")
+#: size_measure="label": the most an ellipsoid is grown to reach its target equivalent radius after the clipping, and
+#: how many times its size is corrected (each step scales by target / reached; the clipped volume grows more slowly
+#: than the ellipsoid's, so a few steps are needed) and how close is close enough
+MAX_LABEL_SCALE = 3.0
+LABEL_SCALE_STEPS = 6
+LABEL_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -251,6 +266,9 @@ class TumorMaskGenerator:
             (``tools data quartiles`` output, ``radius_ranges`` output), or a dict of :class:`SizeClass`.
         mixed_weights: class probabilities of ``tumor_type="mixed"``.
         large_at_center: centre large tumors on the organ's bounding-box centre (the reference's pancreas rule).
+        size_measure: what the classes' radii measure: ``"ellipsoid"`` (the reference's: the ellipsoid's radii
+            before the clipping to the organ) or ``"label"`` (the equivalent radius of the tumor in the label, after
+            the clipping; the measure of classes computed from a data set's labels).
     """
 
     def __init__(
@@ -258,10 +276,14 @@ class TumorMaskGenerator:
         classes: str | os.PathLike | Mapping[str, Any] | None = "difftumor",
         mixed_weights: Mapping[str, float] | None = None,
         large_at_center: bool = True,
+        size_measure: str = "ellipsoid",
     ):
+        if size_measure not in SIZE_MEASURES:
+            raise ValueError(f"size_measure {size_measure!r}: expected one of {list(SIZE_MEASURES)}")
         self.classes = resolve_classes(classes)
         self.mixed_weights = dict(mixed_weights or DEFAULT_MIXED_WEIGHTS)
         self.large_at_center = large_at_center
+        self.size_measure = size_measure
 
     def draw_parameters(self, rng: np.random.RandomState, tumor_class: str) -> list[dict[str, Any]]:
         """Radii and sigmas (mm, per axis / per draw) of the tumors of one draw of ``tumor_class``."""
@@ -303,13 +325,40 @@ class TumorMaskGenerator:
                 centre = _centre_in_slice_band(organ, rng, axis)
             radii_vox = np.asarray(tumor["radii_mm"]) / spacing
             sigma_vox = tumor["sigma_mm"] / spacing
-            inside = deformed_ellipsoid(organ_voxels, centre, radii_vox, sigma_vox, rng)
+            if self.size_measure == "label":
+                inside = self._grown_to_target(organ_voxels, centre, radii_vox, sigma_vox, rng, spacing, tumor)
+            else:
+                inside = deformed_ellipsoid(organ_voxels, centre, radii_vox, sigma_vox, rng)
             if not inside.any():  # a sub-voxel tumor: keep its centre voxel so every drawn tumor exists
                 inside = np.all(organ_voxels == centre, axis=1)
             mask[tuple(organ_voxels[inside].T)] = True
             tumor["centre_voxel"] = [int(c) for c in centre]
             tumor["voxels"] = int(inside.sum())
         return TumorDraw(mask=mask, tumor_class=tumor_class, tumors=tumors)
+
+    @staticmethod
+    def _grown_to_target(organ_voxels: np.ndarray, centre: np.ndarray, radii_vox: np.ndarray, sigma_vox: np.ndarray,
+                         rng: np.random.RandomState, spacing: np.ndarray,
+                         tumor: dict[str, Any]) -> np.ndarray:  # fmt: skip
+        """``size_measure="label"``: the target is the equivalent radius of the drawn radii (their geometric mean);
+        the same deformed ellipsoid (the same draws of ``rng``: its state is rewound for every size tried) is
+        scaled until its organ part reaches the target. ``tumor`` records the target, the scale and the radius
+        reached."""
+        target_mm = float(np.prod(tumor["radii_mm"]) ** (1.0 / 3.0))
+        voxel_mm3 = float(np.prod(spacing))
+        state = rng.get_state()
+        scale, inside, reached = 1.0, None, 0.0
+        for _ in range(LABEL_SCALE_STEPS):
+            rng.set_state(state)
+            inside = deformed_ellipsoid(organ_voxels, centre, radii_vox * scale, sigma_vox * scale, rng)
+            reached = (3.0 * float(inside.sum()) * voxel_mm3 / (4.0 * math.pi)) ** (1.0 / 3.0)
+            if abs(reached - target_mm) <= LABEL_TOLERANCE * target_mm or (
+                reached < target_mm and scale >= MAX_LABEL_SCALE
+            ):
+                break
+            scale = min(MAX_LABEL_SCALE, scale * target_mm / max(reached, 0.5 * float(spacing.min())))
+        tumor.update({"target_radius_mm": target_mm, "scale": float(scale), "label_radius_mm": reached})
+        return inside
 
 
 def equivalent_radius_mm(mask: np.ndarray, affine: np.ndarray | None = None) -> float:
