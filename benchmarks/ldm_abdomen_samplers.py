@@ -53,11 +53,7 @@ EQUAL = {"dice": 0.05, "wasserstein_hu": 10.0}
 AUTOENCODER_FILES = ("model_autoencoder.pt", "done_autoencoder.json")
 SMOKE_DEFAULTS = {"ddim_steps": [3, 2], "rflow_steps": [3, 2], "ddpm_steps": 4, "samples_per_mask": 1}
 
-STARTED = time.time()
-
-
-def log(message: str) -> None:
-    print(f"[{time.time() - STARTED:5.0f} s] {message}", flush=True)
+log = quality.log  # one clock and format for the benchmarks built on generator_quality
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": settings, "samples_per_mask": args.samples_per_mask, "max_masks": args.max_masks,
         "masks": [r.get("case") for r in data["heldout_records"]], "threads": args.threads, "equal": EQUAL,
         "judge": judge, "training_seconds": {"ddpm": ddpm_times, "rflow": rflow_times}, "rows": rows,
-        "seconds": round(time.time() - STARTED, 1)}))  # fmt: skip
+        "seconds": round(time.time() - quality.STARTED, 1)}))  # fmt: skip
     print("\n".join(lines), flush=True)
     log(f"written {out / 'result.md'} and {out / 'result.json'}")
     return 0

@@ -46,11 +46,7 @@ SMOKE_DEFAULTS = {"out": str(REPO / "runs" / "quality_gate" / "smoke"), "samples
 #: what generator_quality leaves when a generator's training finished (every stage)
 DONE = {"vae_ct": ("done.json",), "ldm_abdomen": ("done_autoencoder.json", "done_diffusion.json",
                                                   "done_controlnet.json")}  # fmt: skip
-STARTED = time.time()
-
-
-def log(message: str) -> None:
-    print(f"[{time.time() - STARTED:5.0f} s] {message}", flush=True)
+log = quality.log  # one clock and format for the benchmarks built on generator_quality
 
 
 def parse_generators(values: Sequence[str]) -> list[tuple[str, str]]:
@@ -322,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "result.md").write_text("\n".join(lines) + "\n")
     write_json(out / "result.json", quality.to_json({
         "command": command, "smoke": args.smoke, "settings": vars(args), "results": results, "errors": errors,
-        "second_judge": judge1, "seconds": round(time.time() - STARTED, 1)}))  # fmt: skip
+        "second_judge": judge1, "seconds": round(time.time() - quality.STARTED, 1)}))  # fmt: skip
     print("\n".join(lines), flush=True)
     log(f"written {out / 'result.md'} and {out / 'result.json'}")
     return 1 if errors else 0
