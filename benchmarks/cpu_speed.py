@@ -529,12 +529,18 @@ def build_trainer(gen: GeneratorStep, overrides: dict, precision: str | None, ck
         workflow.parser[key] = value
     workflow.initialize()
     parser = workflow.parser
-    if parser.get("latent_stats") is not None:  # ldm_abdomen stage 2 loads stage 1's weights: random ones here
+    # ldm_abdomen stage 2 loads stage 1's weights (random ones here) and freezes them; only for a step that trains on
+    # a frozen autoencoder: the autoencoder's own step must keep its weights trainable (train.json defines
+    # latent_stats for every stage, and preparing it froze the network the autoencoder step trains)
+    if parser.get("latent_stats") is not None and "autoencoder_def" in gen.networks:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         autoencoder = parser.get_parsed_content("autoencoder_def")
         torch.save(autoencoder.state_dict(), parser.get_parsed_content("autoencoder_path"))
         parser.get_parsed_content("latent_stats").prepare()
     trainer = parser.get_parsed_content("train#trainer")
+    if not any(p.requires_grad for p in parser.get_parsed_content(gen.networks[0]).parameters()):
+        raise RuntimeError(f"{gen.bundle} {gen.name}: the network this step trains ({gen.networks[0]}) is frozen, so "
+                           "the timed step would not be a training step")  # fmt: skip
     # past every warm-up (vae_ct adv_start_epoch, ldm adversarial_start_epoch, difftumor discriminator_start):
     # the step most of training takes, adversarial terms included
     trainer.state.epoch = trainer.state.iteration = 10**6

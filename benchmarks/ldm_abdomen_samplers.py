@@ -1,6 +1,6 @@
 """Benchmark: issue 14 point 3, ldm_abdomen's samplers compared at equal quality on the trained CPU recipe.
 
-    python benchmarks/ldm_abdomen_samplers.py [--scale benchmarks/generator_recipes.json] [--seed 0]
+    python benchmarks/ldm_abdomen_samplers.py [--scale demo] [--seed 0]
         [--quality_dir runs/generator_quality/ldm_abdomen] [--out runs/ldm_abdomen_samplers] [--threads 2]
     python benchmarks/ldm_abdomen_samplers.py --smoke    # seconds: tiny sizes, in runs/ldm_abdomen_samplers_smoke
 
@@ -9,8 +9,8 @@ Steps:
 1. data and judge: those of ``benchmarks/generator_quality.py --generator ldm_abdomen`` (its functions, its folder
    ``--quality_dir``): made there when missing, reused when their settings match;
 2. two trainings of the scale's ldm_abdomen recipe with the training seed ``--seed``: the noise-predicting one
-   (``train_scheduler ddpm``, the recipe's own; generator_quality's run of the same seed is reused when its settings
-   match, else it is trained in ``--out/ddpm``), and the rectified-flow one (``train_scheduler rflow``) in
+   (``train_scheduler ddpm``, generator_quality's ``ldm`` variant, whose run of the same seed is reused when its
+   settings match, else it is trained in ``--out/ddpm``), and the rectified-flow one (``train_scheduler rflow``) in
    ``--out/rflow``: the same autoencoder (its weights copied, so both samplers decode with the same one), its own
    diffusion model and ControlNet. The rectified-flow training time is printed beside the other's;
 3. the samples: ``--samples_per_mask`` per held-out mask (validation + test patients: neither the judge nor the
@@ -60,18 +60,11 @@ log = quality.log  # one clock and format for the benchmarks built on generator_
 # step 2: the two trainings
 
 
-def objective_settings(settings: Mapping[str, Any], train_scheduler: str) -> dict[str, Any]:
-    """The recipe with the diffusion model and ControlNet trained by ``train_scheduler`` (ddpm: the recipe itself)."""
-    out = deepcopy(dict(settings))
-    if train_scheduler != "ddpm":
-        out["ldm_train"] = {**out["ldm_train"], "train_scheduler": train_scheduler}
-    return out
-
-
 def ddpm_models(out: Path, quality_dir: Path, settings: Mapping[str, Any], data: Mapping[str, Any],
                 seed: int) -> tuple[Path, dict[str, float]]:  # fmt: skip
-    """The noise-predicting model's ``models`` folder: generator_quality's run of ``seed`` when it was trained with
-    these settings and finished every stage, else trained here."""
+    """The noise-predicting model's ``models`` folder (``settings``: generator_quality's ``ldm`` variant):
+    generator_quality's run of ``seed`` when it was trained with these settings and finished every stage, else
+    trained here."""
     from tools.studies import train_ldm
 
     fingerprint = quality.to_json(quality.generator_fingerprint(settings, "ldm_abdomen", "ldm"))
@@ -89,12 +82,13 @@ def ddpm_models(out: Path, quality_dir: Path, settings: Mapping[str, Any], data:
 
 def rflow_models(out: Path, settings: Mapping[str, Any], data: Mapping[str, Any], seed: int,
                  autoencoder_dir: Path) -> tuple[Path, dict[str, float]]:  # fmt: skip
-    """The rectified-flow model: ``autoencoder_dir``'s autoencoder, a diffusion model and ControlNet trained with
-    ``train_scheduler rflow`` (``tools.studies.train_ldm`` skips the autoencoder stage, whose done marker is copied)."""
+    """The rectified-flow model (``settings``: generator_quality's ``ldm_rflow`` variant): ``autoencoder_dir``'s
+    autoencoder, a diffusion model and ControlNet trained with ``train_scheduler rflow`` (``tools.studies.train_ldm``
+    skips the autoencoder stage, whose done marker is copied)."""
     from tools.studies import train_ldm
 
-    rflow = objective_settings(settings, "rflow")
-    fingerprint = {**quality.generator_fingerprint(rflow, "ldm_abdomen", "ldm"),
+    rflow = settings
+    fingerprint = {**quality.generator_fingerprint(rflow, "ldm_abdomen", "ldm_rflow"),
                    "autoencoder_from": str(autoencoder_dir),
                    "autoencoder_bytes": (autoencoder_dir / AUTOENCODER_FILES[0]).stat().st_size}  # fmt: skip
     folder = quality.claim(out / "rflow" / f"seed{seed}", fingerprint)
@@ -195,7 +189,7 @@ def table_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", default=str(quality.RECIPES.relative_to(REPO)),
+    parser.add_argument("--scale", default=quality.RECIPES,
                         help="a tools.studies scale or JSON scale file (default: the CPU recipes)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="training seed of both models and base seed of the samples")
     parser.add_argument("--quality_dir", default=None,
@@ -228,13 +222,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     judge = quality.train_judge(quality_dir, data, settings)
     if args.max_masks:
         data = masks_subset(data, args.max_masks)
-    ddpm_ckpt, ddpm_times = ddpm_models(out, quality_dir, settings, data, args.seed)
-    rflow_ckpt, rflow_times = rflow_models(out, settings, data, args.seed, ddpm_ckpt)
+    # both objectives explicitly (the scale's own recipe may be either): generator_quality's two ldm variants
+    ddpm_settings = quality.variant_settings(settings, "ldm")
+    rflow_settings = quality.variant_settings(settings, "ldm_rflow")
+    ddpm_ckpt, ddpm_times = ddpm_models(out, quality_dir, ddpm_settings, data, args.seed)
+    rflow_ckpt, rflow_times = rflow_models(out, rflow_settings, data, args.seed, ddpm_ckpt)
     log(f"training seconds: noise-predicting {ddpm_times}; rectified flow {rflow_times} (autoencoder shared)")
 
-    plan = [("ddpm", args.ddpm_steps, ddpm_ckpt, settings)]
-    plan += [("ddim", steps, ddpm_ckpt, settings) for steps in args.ddim_steps]
-    plan += [("rflow", steps, rflow_ckpt, objective_settings(settings, "rflow")) for steps in args.rflow_steps]
+    plan = [("ddpm", args.ddpm_steps, ddpm_ckpt, ddpm_settings)]
+    plan += [("ddim", steps, ddpm_ckpt, ddpm_settings) for steps in args.ddim_steps]
+    plan += [("rflow", steps, rflow_ckpt, rflow_settings) for steps in args.rflow_steps]
     rows, samples = [], out / ("samples" if not args.max_masks else f"samples_first{args.max_masks}")
     for sampler, steps, ckpt, used in plan:
         made = sample_set(samples, f"{sampler}_{steps}", ckpt, used, data, sampler, steps, args.seed,

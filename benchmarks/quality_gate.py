@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gate_tries", type=int, default=3)
     parser.add_argument("--gate_min_dice", type=float, default=0.5)
     parser.add_argument("--judge_seed", type=int, default=1, help="seed of the second judge")
-    parser.add_argument("--scale", default=str(quality.RECIPES.relative_to(REPO)),
+    parser.add_argument("--scale", default=quality.RECIPES,
                         help="--smoke only: the scale whose tiny version makes the inputs")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parse_args_with_smoke(parser, SMOKE_DEFAULTS, argv)

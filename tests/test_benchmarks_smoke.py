@@ -213,6 +213,21 @@ def test_untrained_settings_zero_every_learning_rate(monkeypatch):
     assert set(ldm["ldm_epochs"].values()) == {1} and settings["vae"]["max_epochs"] == 40  # a copy
 
 
+def test_ldm_variants_name_their_objective_and_sampler_whatever_the_scale(monkeypatch):
+    """The demo's recipe is rectified flow; the ``ldm`` variant must still train and sample the noise-predicting
+    model (and ``ldm_rflow`` the rectified-flow one), since the sampler benchmark compares the two."""
+    from tools.studies import scale_settings
+
+    quality = load_generator_quality(monkeypatch)
+    demo = scale_settings("demo")
+    assert demo["ldm_train"]["train_scheduler"] == "rflow" and demo["ldm_infer"]["sampler"] == "rflow"
+    for scale in (demo, {**demo, "ldm_train": {}, "ldm_infer": {}}):
+        ldm, rflow = quality.variant_settings(scale, "ldm"), quality.variant_settings(scale, "ldm_rflow")
+        assert (ldm["ldm_train"]["train_scheduler"], ldm["ldm_infer"]["sampler"]) == ("ddpm", "ddim")
+        assert (rflow["ldm_train"]["train_scheduler"], rflow["ldm_infer"]["sampler"]) == ("rflow", "rflow")
+    assert quality.variant_settings(demo, "ldm_rflow")["ldm_infer"]["num_inference_steps"] == 10  # the scale's
+
+
 def test_phantom_twin_keeps_the_anatomy_and_changes_only_the_noise(monkeypatch, tmp_path):
     import numpy as np
 

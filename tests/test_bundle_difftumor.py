@@ -261,7 +261,9 @@ def test_inference_writes_synthetic_pairs_for_the_healthy_cases(trained, dt_phan
 
 
 @pytest.mark.slow
-def test_bf16_training_of_both_stages_records_its_precision_and_saves_bare_networks(dt_phantom, tmp_path):
+def test_bf16_training_of_both_stages_records_its_precision_and_saves_bare_networks(
+    dt_phantom, tmp_path, reference_bf16_convolutions
+):
     """Both stages trained with ``precision bf16`` (emulated and slow on a CPU without AVX512-BF16: tiny sizes):
     ``precision.json`` lists both starts, the weights load into the bare networks, and bf16 synthesis says so."""
     from monai.networks.nets import DiffusionModelUNet

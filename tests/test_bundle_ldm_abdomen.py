@@ -251,6 +251,22 @@ def test_two_stage_training_writes_weights_and_stats(trained):
     assert not any(p.requires_grad for p in autoencoder.parameters())
 
 
+@pytest.mark.slow
+def test_autoencoder_learning_rate_decays_only_at_its_own_milestones(bundle, prepared, trained, tmp_path):
+    """``ae_lr_milestones`` (epochs) decays the autoencoder's learning rate by ``lr_gamma``; the default (none) keeps
+    it constant, so the diffusion stage's ``lr_milestones`` never reach the autoencoder."""
+    stage1 = trained["stage1"].parser
+    assert stage1.get_parsed_content("optimizer").param_groups[0]["lr"] == pytest.approx(1e-5)
+    decayed = run_workflow(
+        bundle, ["configs/train.json", "configs/train_autoencoder.json"], "train",
+        overrides={**train_overrides(prepared["full"], tmp_path / "ckpt", tmp_path / "out"), **AUTOENCODER,
+                   "train#trainer#max_epochs": 2, "learning_rate": 1e-3, "ae_lr_milestones": [1]},
+    )  # fmt: skip
+    assert decayed.parser.get_parsed_content("optimizer").param_groups[0]["lr"] == pytest.approx(1e-4)
+    scheduler = decayed.parser.get_parsed_content("checkpoint_objects")["lr_scheduler"]  # resumed with the weights
+    assert scheduler is decayed.parser.get_parsed_content("ae_lr_scheduler") and scheduler.last_epoch == 2
+
+
 def test_evaluate_config_reports_the_validation_loss(bundle, prepared, trained, tmp_path):
     workflow = run_workflow(
         bundle, ["configs/train.json", "configs/evaluate.json"], "train",
@@ -266,7 +282,9 @@ def test_evaluate_config_reports_the_validation_loss(bundle, prepared, trained, 
 
 
 @pytest.mark.slow
-def test_bf16_training_of_every_stage_records_its_precision_and_saves_bare_networks(bundle, prepared, tmp_path):
+def test_bf16_training_of_every_stage_records_its_precision_and_saves_bare_networks(
+    bundle, prepared, tmp_path, reference_bf16_convolutions
+):
     """Autoencoder GAN, diffusion model and ControlNet trained one epoch each with ``precision bf16`` (emulated and
     slow on a CPU without AVX512-BF16: tiny sizes): ``precision.json`` lists the three starts, the weights load into
     the bare networks, and bf16 samples say so in their sidecars."""

@@ -286,7 +286,9 @@ def test_inference_is_reproducible_and_resizes_back_to_other_mask_grids(trained,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_bf16_training_records_its_precision_and_saves_the_bare_network(subvolumes, tmp_path, family):
+def test_bf16_training_records_its_precision_and_saves_the_bare_network(
+    subvolumes, tmp_path, family, reference_bf16_convolutions
+):
     """``precision bf16`` trains (emulated and slow on a CPU without AVX512-BF16: tiny sizes), writes
     ``precision.json``, saves weights that load into the bare ``network_def``, and its samples say bf16."""
     ckpt = tmp_path / "models"

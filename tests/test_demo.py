@@ -49,7 +49,15 @@ def check_demo_results(out: Path, summary: dict) -> None:
     assert "error" not in summary, summary.get("error")
     saved = json.loads((out / "demo_summary.json").read_text())
     assert "error" not in saved and saved["report"] == str(out / "report.md")
-    stages = ("phantom", "generative", "ratio_study", "synthetic_evaluation", "tumor_size_study", "report")
+    stages = (
+        "phantom",
+        "generative",
+        "ratio_study",
+        "synthetic_evaluation",
+        "generator_quality",
+        "tumor_size_study",
+        "report",
+    )
     assert set(summary["stages"]) == set(stages)
 
     # 1: the phantom and its montage
@@ -92,10 +100,27 @@ def check_demo_results(out: Path, summary: dict) -> None:
         assert metrics["n_synthetic"] == len(crops["training"])
         assert metrics["feature_network"].startswith("seg_unet3d bottleneck")
 
+    # 4b: issue 14's bars of both generators on the held-out patients' masks, judged by the real-only model
+    quality = json.loads((out / "generative" / "quality.json").read_text())
+    heldout = len(crops["validation"]) + len(crops["test"])
+    for generator, n_bars in (("vae_ct", 10), ("ldm_abdomen", 11)):
+        result = quality["results"][generator]
+        assert summary["generator_quality"][generator] == result["verdict"]
+        assert len(result["rows"]) == n_bars and result["rows"][0]["bar"].startswith("judge (seg_unet3d")
+        measured = {row["bar"]: row["measured"] for row in result["rows"]}
+        assert all(_finite(v) for v in measured.values()), measured
+        assert result["evaluation"]["n_synthetic"] == 2 * heldout, "two samples per held-out mask"
+        assert Path(result["montage"]).stat().st_size > 10_000
+    assert quality["judge"]["ckpt"] == str(out / "ratio" / "jobs" / "real_only" / "seed0" / "models")
+
     # 6: every section of the report shows measured numbers, and every figure it shows exists
     report = (out / "report.md").read_text()
     sections = _sections(report)
-    assert {"Data", "Synthetic sets"} <= set(sections) and len(sections) == 4, list(sections)
+    assert {"Data", "Synthetic sets", "Generator quality: issue 14's bars"} <= set(sections), list(sections)
+    assert len(sections) == 5, list(sections)
+    for generator in ("vae_ct", "ldm_abdomen"):
+        assert f"quality_montage_{generator}.png" in sections["Generator quality: issue 14's bars"]
+    assert re.search(r"\| judge's pancreas Dice to the mask \| \d\.\d+ \| >= 0\.9 x", report)
     assert "phantom_montage.png" in sections["Data"]
     for title, body in sections.items():
         if title != "Data":

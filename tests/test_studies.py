@@ -48,7 +48,10 @@ TINY_SCALE = {
     "vae": {"strides": [2, 2], "channels": [4, 8], "latent_size": 8, "max_epochs": 2, "val_interval": 2,
             "batch_size": 2, "num_workers": 0},
     "ldm_epochs": {"autoencoder": 1, "diffusion": 1, "controlnet": 1},
-    "ldm_infer": {"num_inference_steps": 2},
+    "ldm_stage": {**studies.SCALE_SETTINGS["demo"]["ldm_stage"],
+                  "autoencoder": {**studies.SCALE_SETTINGS["demo"]["ldm_stage"]["autoencoder"],
+                                  "ae_patch_size": [16, 16, 16]}},
+    "ldm_infer": {"sampler": "rflow", "num_inference_steps": 2},
     "arms": {"ratio": ["VAE"], "tumor_size": ["large"]},
 }  # fmt: skip
 

@@ -413,7 +413,9 @@ TINY_LDM_NET = {
     "crop_mode": "none",
     "pre_resize": None,
     **SCALE_SETTINGS["demo"]["ldm_nets"],  # the studies' demo-size networks
-    "conditioning_embedding_channels": [4, 8, 8],
+    "conditioning_embedding_channels": SCALE_SETTINGS["demo"]["ldm_stage"]["controlnet"][
+        "conditioning_embedding_channels"
+    ],
     "num_inference_steps": 2,
 }
 
@@ -448,7 +450,9 @@ def _ldm_weights(folder: Path) -> dict:
              "controlnet_def": "model_controlnet.pt"}  # fmt: skip
     ckpt = tiny_networks("ldm_abdomen", ["inference.json", "inference_controlnet.json"], TINY_LDM_NET, files,
                          folder / "ldm")  # fmt: skip
-    stats = {"scale_factor": 1.0, "latent_shape": [8, 4, 4, 4],
+    downsampling = 2 ** (len(TINY_LDM_NET["autoencoder_def#channels"]) - 1)
+    latent_shape = [TINY_LDM_NET.get("latent_channels", 8)] + [n // downsampling for n in TINY_LDM_NET["image_size"]]
+    stats = {"scale_factor": 1.0, "latent_shape": latent_shape,
              "autoencoder_sha256": hashlib.sha256((ckpt / "model_autoencoder.pt").read_bytes()).hexdigest(),
              "hu_window": [-1000.0, 1000.0], "image_size": TINY_LDM_NET["image_size"], "objective": "epsilon",
              "reference_affine": np.eye(4).tolist()}  # fmt: skip
@@ -515,7 +519,9 @@ def _tiny_scale(folder: Path) -> dict:
         "vae": {**demo["vae"], "strides": [2, 2], "channels": [4, 8], "latent_size": 8, "max_epochs": 1,
                 "val_interval": 1},
         "ldm_epochs": {"autoencoder": 1, "diffusion": 1, "controlnet": 1},
-        "ldm_infer": {"num_inference_steps": 2},
+        "ldm_stage": {**demo["ldm_stage"], "autoencoder": {**demo["ldm_stage"]["autoencoder"],
+                                                           "ae_patch_size": [16, 16, 16]}},
+        "ldm_infer": {**demo["ldm_infer"], "num_inference_steps": 2},
         "arms": {"label_noise": ["low"], "ratio": ["VAE"], "tumor_size": ["small"], "crop_context": ["pancreas"],
                  "tumor_families": ["handcrafted"]},
     }  # fmt: skip

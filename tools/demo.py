@@ -2,14 +2,18 @@
 
 1. the phantom data set (MSD layout) and a montage of its cases; the phantom beside the real CT when ``../shared``
    is present;
-2. the generative bundles trained briefly (vae_ct on 3D pancreas crops, ldm_abdomen autoencoder + diffusion +
-   ControlNet on the same crops, tiny networks, two processes in parallel), then one synthetic image + label per
-   real training mask from each (``tools.synthesize``);
+2. the generative bundles trained with their CPU recipes (the demo scale's settings, issue 14: vae_ct on 3D
+   pancreas crops, ldm_abdomen autoencoder + rectified-flow diffusion + ControlNet on the same crops), two processes
+   of one thread in parallel, then one synthetic image + label per real training mask from each
+   (``tools.synthesize``), and the held-out sets the quality bars measure (two samples per held-out mask, and the
+   untrained generators' for the Fréchet ceiling);
 3. the ratio study (seed 000 Table 1: real only vs VAE / DM / VAE+DM at 100:0, 50:50, 25:75) with seg_unet3d,
    2 seeds per arm, 2 processes of one thread each (:mod:`tools.study_runner`);
 4. the synthetic sets measured against the real crops (``tools.evaluation.evaluate_synthetic``: HU histograms,
    feature distance, the real-only model's pancreas against the synthetic labels, diversity, memorization against
-   the generators' training set, montages);
+   the generators' training set, montages), and issue 14's quality bars of both generators on the masks of the
+   held-out patients, judged by the ratio study's real-only model (``tools.generator_quality.demo_quality``: the
+   table with pass / fail and a real | synthetic | mask montage);
 5. a tumor-size study (seed 001 Table 1: none vs tiny / small / medium / large / mixed hand-crafted tumors inserted
    online), 2 seeds per arm, 2 processes;
 6. the report (``report.md`` / ``report.html``) from everything above.
@@ -187,7 +191,8 @@ def run_demo(
         if first:
             summary["first_run"] = first
     t0 = time.time()
-    names = ["phantom", *(["generative", "ratio_study", "synthetic_evaluation"] if "ratio" in studies else []),
+    names = ["phantom", *(["generative", "ratio_study", "synthetic_evaluation", "generator_quality"]
+                          if "ratio" in studies else []),
              *(["tumor_size_study"] if "tumor_size" in studies else []), "report"]  # fmt: skip
 
     def stage(name: str, message: str, function, *args):
@@ -245,13 +250,18 @@ def run_demo(
     data = stage("phantom", f"phantom data set: {p['n_cases']} patients, seed {seed} -> {out / 'data' / 'phantom'}",
                  make_phantom)  # fmt: skip
     if "ratio" in studies:
-        gen = stage("generative", "generative bundles: vae_ct and ldm_abdomen trained briefly in parallel, then "
-                    "synthesis (logs in logs/)", make_generative, data)  # fmt: skip
+        gen = stage("generative", "generative bundles: vae_ct and ldm_abdomen trained with their CPU recipes in "
+                    "parallel (the longest stage, about 5 min on a 2-core AVX512 machine), then synthesis (logs in "
+                    "logs/)", make_generative, data)  # fmt: skip
         stage("ratio_study", f"ratio study (seed 000 Table 1) with seg_unet3d, {nproc} processes",
               run_study_processes, "ratio", out, scale, nproc)  # fmt: skip
         summary["synthetic_evaluation"] = stage(
             "synthetic_evaluation", "synthetic sets against the real crops (histograms, features, memorization)",
             evaluate_generated, out, settings, gen,
+        )  # fmt: skip
+        summary["generator_quality"] = stage(
+            "generator_quality", "quality bars of both generators on the held-out patients' masks (issue 14)",
+            measure_generators, out, settings, gen,
         )  # fmt: skip
     if "tumor_size" in studies:
         stage("tumor_size_study", f"tumor-size study (seed 001 Table 1) with seg_unet3d, {nproc} processes",
@@ -280,10 +290,10 @@ def evaluate_generated(out: Path, settings: dict, gen: dict) -> dict:
 
     crops = Path(gen["crops"])
     training = load_records(crops).records("training")
-    seg_ckpt = out / "ratio" / "jobs" / "real_only" / "seed0" / "models"
-    seg_overrides = {k: v for k, v in settings["seg"].items() if k.startswith("network_def") or k == "pixdim"}
-    # the ratio study's models are binary (pancreas with its tumor against the rest): two output channels
-    seg_overrides.update({"num_classes": 2, "roi_size": settings["seg"].get("roi_size")})
+    from tools.generator_quality import judge_overrides
+
+    seg_ckpt = real_only_model(out)
+    seg_overrides = judge_overrides(settings)  # the ratio study's models are binary: two output channels
     results = {}
     for name, syn in gen["synthetic"].items():
         target = out / "generative" / f"evaluation_{name}"
@@ -292,15 +302,39 @@ def evaluate_generated(out: Path, settings: dict, gen: dict) -> dict:
             continue
         results[name] = evaluate_synthetic(
             syn, crops, target, seg_ckpt=seg_ckpt if (seg_ckpt / "model.pt").is_file() else None,
-            training=training, seg_overrides={k: v for k, v in seg_overrides.items() if v is not None},
+            training=training, seg_overrides=seg_overrides,
         )  # fmt: skip
     return results
 
 
+def real_only_model(out: Path) -> Path:
+    """The ratio study's real-only seg_unet3d of seed 0: the judge of the synthetic sets."""
+    return out / "ratio" / "jobs" / "real_only" / "seed0" / "models"
+
+
+def measure_generators(out: Path, settings: dict, gen: dict) -> dict:
+    """Issue 14's quality bars of the demo's two generators (``tools.generator_quality.demo_quality``), judged by the
+    ratio study's real-only model (seed 0), into ``<out>/generative/quality.md`` / ``.json`` and a montage per
+    generator; returns each generator's verdict line. A generator that fails its bars is reported, not an error."""
+    from tools.generator_quality import demo_quality, heldout_data, judge_overrides
+
+    job = real_only_model(out).parent
+    judge = {"ckpt": job / "models", "overrides": judge_overrides(settings),
+             "metrics": json.loads((job / "metrics.json").read_text())["metrics"]}  # fmt: skip
+    data = heldout_data(Path(gen["crops"]), Path(gen["data_dir"]))
+    quality = demo_quality(out / "generative", settings, data, judge, gen["ckpts"])
+    for result in quality["results"].values():
+        print(f"      {result['verdict']}", flush=True)
+    return {name: result["verdict"] for name, result in quality["results"].items()}
+
+
 def _stage_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tools.demo --stage vae|ldm --out DIR``: one generative bundle's training + synthesis."""
+    """``python -m tools.demo --stage vae|ldm --out DIR``: one generative bundle's training + synthesis, then the
+    held-out sets of the quality bars: ``vae`` makes vae_ct's trained and untrained sets and ldm_abdomen's untrained
+    one (it finishes first), ``ldm`` ldm_abdomen's trained set."""
     import torch
 
+    from tools.generator_quality import heldout_data, synthesize_heldout, untrained_heldout
     from tools.studies import prepared_split, scale_settings, synthesize_set, train_ldm, train_vae
 
     parser = argparse.ArgumentParser(description=_stage_main.__doc__)
@@ -315,14 +349,21 @@ def _stage_main(argv: Sequence[str] | None = None) -> int:
         out / "data" / "phantom", out / "data" / "crops_pancreas", "pancreas", settings["crop_shape"]
     )
     root = out / "generative"
+    data = heldout_data(crops, out / "data" / "phantom")
     started = time.time()
     if args.stage == "vae":
         ckpt = train_vae(crops, root / "vae_ct" / "models", settings)
         synthesize_set("vae_ct", crops, root / "vae_ct" / "synthetic", ckpt, settings)
+        print(f"vae: trained and synthesized in {time.time() - started:.0f} s", flush=True)
+        synthesize_heldout("vae_ct", data, ckpt, root / "vae_ct" / "heldout", settings)
+        untrained_heldout("vae_ct", data, root / "vae_ct" / "untrained", settings)
+        untrained_heldout("ldm_abdomen", data, root / "ldm_abdomen" / "untrained", settings)
     else:
         ckpt = train_ldm(crops, root / "ldm_abdomen" / "models", settings, "pancreas")
         synthesize_set("ldm_abdomen", crops, root / "ldm_abdomen" / "synthetic", ckpt, settings)
-    print(f"{args.stage}: trained and synthesized in {time.time() - started:.0f} s", flush=True)
+        print(f"ldm: trained and synthesized in {time.time() - started:.0f} s", flush=True)
+        synthesize_heldout("ldm_abdomen", data, ckpt, root / "ldm_abdomen" / "heldout", settings)
+    print(f"{args.stage}: held-out sets made, {time.time() - started:.0f} s in all", flush=True)
     return 0
 
 

@@ -100,35 +100,57 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "tumor_seg_configs": SEG_CONFIGS,
         # evaluate.json's post-processing of the tumor studies (fixed before any test scan is scored, every arm)
         "tumor_eval": {},
+        # the generators' CPU recipes (issue 14; measured by benchmarks/generator_quality.py, which trains these
+        # settings): small networks at learning rates that suit them, long enough to learn the crops
         "vae": {
             "strides": [2, 2, 2],
             "channels": [8, 16, 32],
             "latent_size": 32,
-            "max_epochs": 40,
-            "val_interval": 40,
+            "learning_rate": 0.001,
+            "max_epochs": 200,
+            "val_interval": 200,
+            "save_interval": 20,
             "batch_size": 2,
             "num_workers": 0,
         },
         "ldm_nets": {
-            "autoencoder_def#channels": [8, 8, 8],
+            # 2x downsampling (4 latent channels): the autoencoder's reconstruction limits everything after it
+            "autoencoder_def#channels": [8, 16],
+            "autoencoder_def#attention_levels": [False, False],
             "autoencoder_def#num_res_blocks": 1,
             "autoencoder_def#norm_num_groups": 4,
-            "diffusion_def#channels": [8, 8, 16],
-            "diffusion_def#num_head_channels": [0, 8, 8],
+            "latent_channels": 4,
+            "diffusion_def#channels": [16, 32, 32],
+            "diffusion_def#num_head_channels": [0, 0, 32],
+            "diffusion_def#attention_levels": [False, False, True],
             "diffusion_def#num_res_blocks": 1,
-            "diffusion_def#norm_num_groups": 4,
+            "diffusion_def#norm_num_groups": 8,
         },
-        "ldm_train": {"train_batch_size": 2, "num_workers": 0, "val_interval": 1000, "scale_factor_samples": 4},
+        # rectified flow: at equal training, its samples follow the mask far better than the noise-predicting
+        # model's, and as well in 8-15 steps as in 30 (benchmarks/ldm_abdomen_samplers.py)
+        "ldm_train": {
+            "train_scheduler": "rflow",
+            "train_batch_size": 2,
+            "num_workers": 0,
+            "val_interval": 1000,
+            "scale_factor_samples": 4,
+            "lr_milestones": [100000],
+            "checkpoint_interval": 20,
+        },
         "ldm_stage": {
             "autoencoder": {
-                "ae_patch_size": [16, 16, 16],
+                "ae_patch_size": [48, 32, 32],
+                "learning_rate": 0.001,
+                "kl_weight": 1e-6,
+                "adversarial_weight": 0.0,
                 "discriminator_def#channels": 4,
                 "discriminator_def#num_layers_d": 2,
             },
-            "controlnet": {"conditioning_embedding_channels": [4, 8, 8]},
+            "diffusion": {"learning_rate": 0.0005},
+            "controlnet": {"learning_rate": 0.0005, "conditioning_embedding_channels": [8, 16]},
         },
-        "ldm_epochs": {"autoencoder": 10, "diffusion": 20, "controlnet": 10},
-        "ldm_infer": {"num_inference_steps": 10},
+        "ldm_epochs": {"autoencoder": 60, "diffusion": 200, "controlnet": 60},
+        "ldm_infer": {"sampler": "rflow", "num_inference_steps": 10},
         "tumor_family_args": {
             # random weights (nothing trained at this scale: the tumors have DiffTumor's geometry and blend, the
             # texture is decoder noise); small networks and crops so that a synthesis takes well under a second
@@ -144,7 +166,7 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "default_family": "handcrafted",
         # vae_ct's adversarial families' own keys on top of "vae", by the generator-quality benchmark's variant
         # names ("vaegan", "gan"), e.g. the discriminator's learning rate or when the adversarial term starts
-        "vae_variants": {},
+        "vae_variants": {"vaegan": {"adv_start_epoch": 100}},
         # difftumor's training overrides for its three stages (``benchmarks/difftumor_quality.py``): ``all`` for
         # every stage, ``autoencoder`` / ``early`` / ``medium_large`` for one (epochs, learning rate, crops...);
         # the networks, crop size and model spacing come from ``tumor_family_args["difftumor"]``; {}: the bundle's
@@ -672,7 +694,8 @@ def generative_sets(out: Path, settings: Mapping[str, Any], data_dir: Path | Non
         "ldm_synthesis_s": _marker_seconds(root / "ldm_abdomen" / "synthetic" / "done.json"),
     }
     write_json(root / "generative.json", {"crops": str(crops), "vae": str(vae_set), "dm": str(ldm_set), **times})
-    return {"crops": crops, "synthetic": {"VAE": vae_set, "DM": ldm_set}, "times": times}
+    return {"crops": crops, "synthetic": {"VAE": vae_set, "DM": ldm_set}, "times": times, "data_dir": data_dir,
+            "ckpts": {"vae_ct": vae_ckpt, "ldm_abdomen": ldm_ckpt}}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1164,6 +1187,7 @@ def write_report(out: str | os.PathLike, title: str = "Pancreas CT synthesis: st
         if (out / "realism.png").is_file():
             report.figure(out / "realism.png", "Phantom beside the real CT of ../shared: slices and HU histograms")
     _report_generative(report, out)
+    _report_generator_quality(report, out)
     for name in STUDIES:
         study_dir = out / name
         if (study_dir / "table.csv").is_file():
@@ -1218,6 +1242,30 @@ def _report_generative(report, out: Path) -> None:
             "pancreas_dice_to_synthetic_label first (the real-only model's pancreas against the synthetic label; "
             "found = that Dice >= 0.5); memorization = nearest real training case per sample",
         )
+
+
+def _report_generator_quality(report, out: Path) -> None:
+    """Issue 14's bars of the demo's generators (``tools.generator_quality.demo_quality``): one table per generator
+    with measured / required / pass, its verdict and its montage."""
+    path = out / "generative" / "quality.json"
+    if not path.is_file():
+        return
+    quality = json.loads(path.read_text())
+    report.heading("Generator quality: issue 14's bars")
+    report.paragraph(
+        "Each generator's samples from the masks of the held-out (validation + test) patients, which neither the "
+        "judge nor the generator saw, against those patients' real crops; the judge is the ratio study's real-only "
+        f"seg_unet3d (seed 0), training seed {quality['seed']}, two samples per mask. The Fréchet ceiling is the "
+        "same generator untrained; the floor is the real training crops. benchmarks/generator_quality.py measures "
+        "the same bars over two training seeds, and VAE-GAN and GAN beside the VAE."
+    )
+    for generator, result in quality["results"].items():
+        rows = [{"bar": r["bar"], "measured": r["shown"], "required": r["required"], "pass": "yes" if r["pass"]
+                 else "NO"} for r in result["rows"]]  # fmt: skip
+        report.table(rows, ["bar", "measured", "required", "pass"], caption=result["verdict"])
+        if result.get("montage") and Path(result["montage"]).is_file():
+            report.figure(result["montage"], f"{generator}: real | synthetic | mask outlined on the synthetic, "
+                          "held-out patients")  # fmt: skip
 
 
 def _report_study(report, study_dir: Path) -> None:
