@@ -165,8 +165,10 @@ def _train_tiny(run: Path, phantom_set: Path, value: str):
 
 @pytest.mark.parametrize("value", ["bf16", "fp32"])
 def test_seg_unet3d_autocasts_inside_the_forward_only_with_the_switch_on_and_keeps_the_loss_in_float32(
-    value, phantom_set, tmp_path
+    value, phantom_set, tmp_path, request
 ):
+    if value == "bf16":  # oneDNN off: its bf16 convolution backward gives NaN gradients on some CPUs (conftest)
+        request.getfixturevalue("reference_bf16_convolutions")
     probe, losses, network_def = _train_tiny(tmp_path, phantom_set, value)
     training_and_validation = set(probe.calls)
     if value == "bf16":
