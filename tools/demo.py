@@ -286,12 +286,11 @@ def evaluate_generated(out: Path, settings: dict, gen: dict) -> dict:
     against the generators' training masks' images; the pancreas check uses the ratio study's real-only model.
     An evaluation that fails stops the demo (its error propagates)."""
     from tools.evaluation import evaluate_synthetic
+    from tools.generator_quality import judge_overrides
     from tools.splits import load_records
 
     crops = Path(gen["crops"])
     training = load_records(crops).records("training")
-    from tools.generator_quality import judge_overrides
-
     seg_ckpt = real_only_model(out)
     seg_overrides = judge_overrides(settings)  # the ratio study's models are binary: two output channels
     results = {}
@@ -318,9 +317,9 @@ def measure_generators(out: Path, settings: dict, gen: dict) -> dict:
     generator; returns each generator's verdict line. A generator that fails its bars is reported, not an error."""
     from tools.generator_quality import demo_quality, heldout_data, judge_overrides
 
-    job = real_only_model(out).parent
-    judge = {"ckpt": job / "models", "overrides": judge_overrides(settings),
-             "metrics": json.loads((job / "metrics.json").read_text())["metrics"]}  # fmt: skip
+    models = real_only_model(out)
+    judge = {"ckpt": models, "overrides": judge_overrides(settings),
+             "metrics": json.loads((models.parent / "metrics.json").read_text())["metrics"]}  # fmt: skip
     data = heldout_data(Path(gen["crops"]), Path(gen["data_dir"]))
     quality = demo_quality(out / "generative", settings, data, judge, gen["ckpts"])
     for result in quality["results"].values():

@@ -162,9 +162,9 @@ def demo_quality(root: Path, settings: Mapping[str, Any], data: Mapping[str, Any
         measured = measure_generator(generator, seed, data, judge, real, floor, ceiling, synthetic, ckpt, settings,
                                      folder / "heldout", noise)  # fmt: skip
         figure = montage(root / f"quality_montage_{generator}.png", data, {seed: synthetic}, f"{generator} (demo)")
-        results[generator] = {**measured, "rows": [judge_row(judge)] + measured["rows"], "ceiling": ceiling,
-                              "montage": str(figure), "verdict": verdict(generator, [judge_row(judge)]
-                                                                         + measured["rows"], None)}  # fmt: skip
+        rows = [judge_row(judge)] + measured["rows"]
+        results[generator] = {**measured, "rows": rows, "ceiling": ceiling, "montage": str(figure),
+                              "verdict": verdict(generator, rows, None)}  # fmt: skip
     lines = [f"Judge: seg_unet3d trained on the {len(data['training'])} real training crops (the ratio study's "
              f"real-only model, seed 0). Synthetic and real sets: the masks and crops of the "
              f"{len(data['heldout_records'])} held-out (validation + test) patients, {SAMPLES_PER_MASK} samples per "
