@@ -67,6 +67,8 @@ from seg_unet3d_tumor import benchmark_settings as tumor_benchmark_settings
 from seg_unet3d_tumor import read_lesions
 from smoke import parse_args_with_smoke
 
+from tools.studies import SIZE_MEASURE
+
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("difftumor", "handcrafted", "cellular")
 STAGES = ("autoencoder", "early", "medium_large")
@@ -84,9 +86,8 @@ BAR = {"autoencoder_margin_hu": 15.0, "median_hu": 15.0, "sensitivity_10mm": 0.7
 #: tumors of radius >= 10 mm meet the detection bar, and some small ones so that DiffTumor's early model (T = 4) runs
 INSERT_PROBS = {"small": 0.2, "medium": 0.4, "large": 0.4}
 #: the classes are quartiles of the training tumors' labels, so their radii are read as the label's equivalent radius
-#: (difftumor's ``size_measure="label"``), not as the reference's ellipsoid radii before the clipping to the organ
-#: (which left 2 of 31 inserted tumors >= 10 mm in the first run, see the docs)
-SIZE_MEASURE = "label"
+#: (``tools.studies.SIZE_MEASURE``), not as the reference's ellipsoid radii before the clipping to the organ (which
+#: left 2 of 31 inserted tumors >= 10 mm in the first run, see the docs)
 SIZE_MEASURE_TEXT = {"label": "the label's equivalent radius", "ellipsoid": "the ellipsoid's radii before clipping"}
 #: insertions per healthy test crop and family (each its own case, seed ``INSERT_SEED + INSERT_DRAWS * index + draw``),
 #: so that the detection bar has about 20 tumors >= 10 mm from the 27 healthy test crops

@@ -155,3 +155,23 @@ def test_stats_of_the_phantom_set_count_its_tumor_cases(phantom_set):
     assert stats["n_tumors"] >= stats["n_cases_with_tumor"] and len(stats["tumors"]) == stats["n_tumors"]
     assert sum(c["count"] for c in stats["classes"].values()) == stats["n_tumors"]
     assert all(t["radius_mm"] > 0 for t in stats["tumors"])
+
+
+def test_study_size_classes_fall_back_only_when_no_tumor_and_never_hide_a_broken_label(tmp_path):
+    from tools.studies import tumor_size_classes
+
+    src = write_cases(tmp_path / "with_tumors")
+    out = tumor_size_classes(src / "dataset.json", tmp_path / "classes.json")
+    assert out == tmp_path / "classes.json" and json.loads(out.read_text())["n_tumors"] == 8
+    assert tumor_size_classes(src / "dataset.json", out) == out  # reused
+    healthy = tmp_path / "healthy"
+    save_nifti(healthy / "labelsTr" / "h.nii.gz", np.ones((8, 8, 8), np.uint8), np.eye(4))
+    save_nifti(healthy / "imagesTr" / "h.nii.gz", np.zeros((8, 8, 8), np.int16), np.eye(4))
+    (healthy / "dataset.json").write_text(
+        json.dumps({"training": [{"image": "imagesTr/h.nii.gz", "label": "labelsTr/h.nii.gz"}]})
+    )
+    assert tumor_size_classes(healthy / "dataset.json", tmp_path / "none.json") is None
+    assert tumor_size_classes(healthy / "dataset.json", tmp_path / "none.json") is None  # the recorded answer
+    (src / "labelsTr" / "case_2.nii.gz").write_bytes(b"broken")
+    with pytest.raises(InputError, match="case_2.nii.gz"):
+        tumor_size_classes(src / "dataset.json", tmp_path / "broken.json")

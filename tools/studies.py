@@ -414,12 +414,12 @@ def tumor_size_classes(split_json: str | os.PathLike, out_json: str | os.PathLik
     from tools.tumor_stats import write_tumor_stats
 
     out_json = Path(out_json)
-    if not out_json.is_file():
-        try:
-            write_tumor_stats(split_json, out_json, section="training")
-        except Exception as error:  # no tumor in the training set
-            _log(f"tumor size quartiles unavailable ({error}); using difftumor's reference size classes")
-            return None
+    stats = json.loads(out_json.read_text()) if out_json.is_file() else None
+    if stats is None:
+        stats = write_tumor_stats(split_json, out_json, section="training")
+    if not stats["n_tumors"]:
+        _log("no tumor in the training set, so no size quartiles; using difftumor's reference size classes")
+        return None
     return out_json
 
 
@@ -517,6 +517,12 @@ def read_training_curves(log_dir: str | os.PathLike) -> dict[str, list[list[floa
     return {tag: sorted(values) for tag, values in curves.items()}
 
 
+#: the size classes are quartiles of the labels' equivalent radii (``tumor_size_classes``), so difftumor's mask
+#: generator reads them as such (its default, the reference's ``"ellipsoid"``, reads them as radii before the
+#: clipping to the organ, which gives smaller tumors than the classes)
+SIZE_MEASURE = "label"
+
+
 def tumor_synthesis_transform(family: str, tumor_probs: Any, settings: Mapping[str, Any], size_classes=None):
     """difftumor's ``TumorSynthesisd`` (loaded under the alias ``difftumor_scripts``) for seg_unet3d's
     ``online_augmentation`` slot."""
@@ -528,7 +534,7 @@ def tumor_synthesis_transform(family: str, tumor_probs: Any, settings: Mapping[s
     transforms = importlib.import_module("difftumor_scripts.transforms")
     family_args = dict(settings.get("tumor_family_args", {}).get(family, {}))
     if size_classes is not None and family in ("difftumor", "handcrafted"):
-        family_args.setdefault("mask_generator", {"classes": str(size_classes)})
+        family_args.setdefault("mask_generator", {"classes": str(size_classes), "size_measure": SIZE_MEASURE})
     del scripts
     return transforms.TumorSynthesisd(keys=["image", "label"], family=family, family_args=family_args, prob=0.5,
                                       tumor_probs=tumor_probs)  # fmt: skip
