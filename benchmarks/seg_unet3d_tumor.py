@@ -29,8 +29,10 @@ A rerun with the same ``--out`` reuses the data; a killed training resumes from 
 one (``done.json`` with the same recipe) is evaluated and measured again without training. Exit code 0 when bars
 fail (this is a measurement), 1 when a step failed.
 
-``--choose_postprocessing [MM3 ...]`` trains (or reuses the training), then scores minimum predicted-tumor sizes on
-the validation patients only and stops before the test set: the recipe's ``tumor_eval`` is chosen from that table.
+``--choose_postprocessing [MM3 ...] [--confidences C ...]`` trains (or reuses the training), then scores each
+minimum tumor confidence (``min_tumor_confidence`` of ``evaluate.json``) with each minimum predicted-tumor size on
+the validation patients only, prints its choice and stops before the test set: the recipe's ``tumor_eval`` is
+chosen from that table.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ BAR = {"tumor_dice": 0.5, "sensitivity_10mm": 0.8, "specificity": 0.8, "train_mi
 RECIPE_KEYS = ("phantom", "tumor_margin_mm", "tumor_seg", "tumor_seg_configs", "tumor_eval")
 REQUIRED_TEST = {"tumors_10mm": 20, "healthy": 20}
 RADIUS_MM = 10.0
+#: --choose_postprocessing's default minimum tumor confidences (0: the argmax's components as they are)
+CONFIDENCES = (0.0, 0.7, 0.8, 0.85, 0.9)
 #: --smoke: tiny data and network on top of the scale (its sampling, loss and post-processing stay)
 SMOKE_SCALE = {
     "phantom": {"n_cases": 6, "shape": [48, 48, 24], "tumor_fraction": 0.5, "test_fraction": 0.34},
@@ -193,13 +197,18 @@ def dice_by_case_kind(eval_dir: Path, lesions: Sequence[Mapping[str, Any]]) -> l
     return out
 
 
-def postprocessing_on_validation(folder: Path, split: Path, settings: Mapping[str, Any],
-                                 candidates_mm3: list[float]) -> list[dict[str, Any]]:  # fmt: skip
-    """How the minimum predicted-tumor size of ``evaluate.json`` would score on the **validation** patients (never
-    the test set): the trained model's validation predictions (``evaluate.json`` with ``eval_section validation``
-    and no size filter) re-scored for each candidate size. Youden's J = lesion sensitivity (all sizes) + patient
-    specificity - 1. Prints the table; choosing from it is the recipe author's step, done once, before the test set
-    is scored, and the value then goes into the recipe's ``tumor_eval`` for every arm."""
+def postprocessing_on_validation(folder: Path, split: Path, settings: Mapping[str, Any], candidates_mm3: list[float],
+                                 confidences: list[float]) -> list[dict[str, Any]]:  # fmt: skip
+    """How the post-processing of ``evaluate.json`` would score on the **validation** patients (never the test set):
+    for each minimum tumor confidence (``min_tumor_confidence``: tumor components whose mean tumor probability is
+    below it are removed, ``scripts/postprocess.py``) the trained model's validation predictions (``evaluate.json``
+    with ``eval_section validation`` and no size filter), re-scored for each minimum predicted-tumor size. Youden's
+    J = lesion sensitivity (all sizes) + patient specificity - 1; the tumor Dice (mean over the validation scans with
+    a tumor; the size filter does not change it, as in ``evaluate.json``) and the sensitivity for radius >= 10 mm
+    beside it. Prints the table and its choice: among the settings that meet the three quality bars on the
+    validation patients the best J (the best J of all when none does; J alone can buy specificity with Dice).
+    Choosing is the recipe author's step, done once, before the test set is scored with it, and the values then go
+    into the recipe's ``tumor_eval`` for every arm."""
     from monai.transforms import LoadImage
 
     from tools.bundles import import_bundle_scripts
@@ -207,37 +216,57 @@ def postprocessing_on_validation(folder: Path, split: Path, settings: Mapping[st
 
     import_bundle_scripts("seg_unet3d")
     seg_metrics = importlib.import_module("seg_unet3d_scripts.seg_metrics")
-    val = folder / "validation_eval"
-    overrides = {**settings["tumor_eval"], "eval_section": "validation", "min_tumor_mm3": 0.0,
-                 "ckpt_dir": str(folder / "models")}  # fmt: skip
-    train_and_evaluate_seg(val, split, 0, settings["tumor_seg"], configs=list(settings["tumor_seg_configs"]),
-                           eval_overrides=overrides, train=False)  # fmt: skip
     load = LoadImage(image_only=True)
-    cases = []
-    for record in json.loads(split.read_text())["validation"]:
-        gt = load(record["label"])
-        name = Path(record["label"]).name.split(".nii")[0]
-        pred = load(str(val / "eval" / "predictions" / f"{name}_seg.nii.gz"))
-        spacing = seg_metrics.spacing_from_affine(gt.affine)
-        cases.append((seg_metrics.region_mask(pred, [2]), seg_metrics.region_mask(gt, [2]), spacing))
     rows = []
-    for size in candidates_mm3:
-        lesions, healthy, negatives, false_positives = [], 0, 0, 0
-        for pred, gt, spacing in cases:
-            lesions += seg_metrics.detect_lesions(pred, gt, spacing, size)
-            false_positives += seg_metrics.false_positive_lesions(pred, gt, spacing, size)
-            if not gt.any():
-                healthy += 1
-                negatives += not seg_metrics.predicts_tumor(pred, spacing, size)
-        sensitivity = sum(lesion["hit"] for lesion in lesions) / max(len(lesions), 1)
-        specificity = negatives / healthy if healthy else math.nan
-        rows.append({"min_tumor_mm3": size, "lesions": len(lesions), "sensitivity": sensitivity,
-                     "healthy": healthy, "specificity": specificity, "youden": sensitivity + specificity - 1,
-                     "false_positives_per_scan": false_positives / len(cases)})  # fmt: skip
-        log("validation, min tumor {min_tumor_mm3:g} mm3: lesion sensitivity {sensitivity:.2f} of {lesions}, "
-            "specificity {specificity:.2f} of {healthy}, Youden {youden:.2f}, false positives per scan "
-            "{false_positives_per_scan:.2f}".format(**rows[-1]))  # fmt: skip
+    for confidence in confidences:
+        val = folder / f"validation_eval_confidence{confidence:g}"
+        overrides = {**settings["tumor_eval"], "eval_section": "validation", "min_tumor_mm3": 0.0,
+                     "min_tumor_confidence": confidence, "ckpt_dir": str(folder / "models")}  # fmt: skip
+        train_and_evaluate_seg(val, split, 0, settings["tumor_seg"], configs=list(settings["tumor_seg_configs"]),
+                               eval_overrides=overrides, train=False)  # fmt: skip
+        cases = []
+        for record in json.loads(split.read_text())["validation"]:
+            gt = load(record["label"])
+            name = Path(record["label"]).name.split(".nii")[0]
+            pred = load(str(val / "eval" / "predictions" / f"{name}_seg.nii.gz"))
+            spacing = seg_metrics.spacing_from_affine(gt.affine)
+            cases.append((seg_metrics.region_mask(pred, [2]), seg_metrics.region_mask(gt, [2]), spacing))
+        for size in candidates_mm3:
+            lesions, healthy, negatives, false_positives, dices = [], 0, 0, 0, []
+            for pred, gt, spacing in cases:
+                lesions += seg_metrics.detect_lesions(pred, gt, spacing, size)
+                false_positives += seg_metrics.false_positive_lesions(pred, gt, spacing, size)
+                if gt.any():
+                    dices.append(seg_metrics.dice(pred, gt))  # as evaluate.json's: the size filter is for detection
+                else:
+                    healthy += 1
+                    negatives += not seg_metrics.predicts_tumor(pred, spacing, size)
+            sensitivity = sum(lesion["hit"] for lesion in lesions) / max(len(lesions), 1)
+            large = [lesion["hit"] for lesion in lesions if lesion["radius_mm"] >= RADIUS_MM]
+            specificity = negatives / healthy if healthy else math.nan
+            rows.append({"min_tumor_confidence": confidence, "min_tumor_mm3": size, "lesions": len(lesions),
+                         "sensitivity": sensitivity, "healthy": healthy, "specificity": specificity,
+                         "sensitivity_10mm": sum(large) / len(large) if large else math.nan,
+                         "youden": sensitivity + specificity - 1, "tumor_dice": float(np.mean(dices)),
+                         "false_positives_per_scan": false_positives / len(cases)})  # fmt: skip
+            log("validation, min confidence {min_tumor_confidence:g}, min tumor {min_tumor_mm3:g} mm3: lesion "
+                "sensitivity {sensitivity:.2f} of {lesions} ({sensitivity_10mm:.2f} at >= 10 mm), specificity "
+                "{specificity:.2f} of {healthy}, Youden "
+                "{youden:.2f}, tumor Dice {tumor_dice:.3f}, false positives per scan "
+                "{false_positives_per_scan:.2f}".format(**rows[-1]))  # fmt: skip
+    meeting = [row for row in rows if meets_bars(row)]
+    best = max(meeting or rows, key=lambda row: (row["youden"], row["tumor_dice"]))
+    log(("the best Youden among the settings that meet the three bars on the validation patients" if meeting else
+         "no setting meets the three bars on the validation patients; the best Youden") + ": min_tumor_confidence "
+        "{min_tumor_confidence:g}, min_tumor_mm3 {min_tumor_mm3:g} (J {youden:.2f}, tumor Dice {tumor_dice:.3f}, "
+        "sensitivity >= 10 mm {sensitivity_10mm:.2f}, specificity {specificity:.2f})".format(**best))  # fmt: skip
     return rows
+
+
+def meets_bars(row: Mapping[str, Any]) -> bool:
+    """Whether a validation row of ``postprocessing_on_validation`` meets the tumor Dice, sensitivity >= 10 mm and
+    specificity bars (NaN fails)."""
+    return all(row[key] >= BAR[key] for key in ("tumor_dice", "sensitivity_10mm", "specificity"))
 
 
 def bar_rows(figures: Mapping[str, Any], train_minutes: float) -> list[dict[str, Any]]:
@@ -302,10 +331,12 @@ def markdown(result: Mapping[str, Any]) -> str:
     for row in result["bars"]:
         lines.append(f"| {row['bar']} | {row['measured']} | {row['required']} | {'yes' if row['pass'] else 'NO'} |")
     f = result["figures"]
+    confidence = result["settings"]["tumor_eval"].get("min_tumor_confidence", 0.0)
     lines += ["", f"False-positive tumor lesions per scan: {f['false_positive_lesions_per_scan']:.2f} "
               f"({f['false_positive_lesions_per_healthy_scan']:.2f} per healthy scan); post-processing: predicted "
-              f"tumor components under {f['min_tumor_mm3']:g} mm3 removed. Pancreas Dice {f['pancreas_dice']:.3f}, "
-              f"tumor NSD (2 mm) {f['tumor_nsd']:.3f}.", "",
+              f"tumor components with a mean tumor probability under {confidence:g} (min_tumor_confidence) lose the "
+              f"tumor class, those under {f['min_tumor_mm3']:g} mm3 are not counted as detections. Pancreas Dice "
+              f"{f['pancreas_dice']:.3f}, tumor NSD (2 mm) {f['tumor_nsd']:.3f}.", "",
               "| radius bin (mm) | lesions | detected | sensitivity | Wilson 95 % CI |",
               "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for row in f["bins"]:
@@ -330,9 +361,18 @@ def main() -> int:
     parser.add_argument("--scale", default="benchmarks/tumor_recipes.json")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the phantom is always seed 0)")
     parser.add_argument("--out", default="runs/seg_unet3d_tumor")
-    parser.add_argument("--choose_postprocessing", nargs="*", type=float, metavar="MM3", default=None,
-                        help="after training, score these minimum tumor sizes (mm3) on the validation patients "
-                             "(default list when given without values) and stop before the test set")  # fmt: skip
+    parser.add_argument(
+        "--choose_postprocessing",
+        nargs="*",
+        type=float,
+        metavar="MM3",
+        default=None,
+        help="after training, score these minimum tumor sizes (mm3) on the validation patients "
+        "(default list when given without values) and stop before the test set",
+    )
+    parser.add_argument("--confidences", nargs="+", type=float, default=list(CONFIDENCES),
+                        help="with --choose_postprocessing: the minimum tumor confidences (mean tumor probability "
+                             "of a component) scored with each size")  # fmt: skip
     args = parse_args_with_smoke(parser, {"out": "runs/seg_unet3d_tumor_smoke"})
 
     from tools.io import write_json
@@ -378,7 +418,7 @@ def main() -> int:
         write_json(done, {"recipe": recipe, "training_seconds": timing["training"]})
     if choosing:  # the validation patients only; the test set is not scored
         candidates = args.choose_postprocessing or [0.0, 50.0, 100.0, 200.0, 400.0, 800.0]
-        rows = postprocessing_on_validation(folder, split, settings, candidates)
+        rows = postprocessing_on_validation(folder, split, settings, candidates, args.confidences)
         write_json(out / "postprocessing_validation.json", {"command": command, "rows": rows})
         return 0
     if trained:

@@ -355,6 +355,20 @@ def test_seg_unet3d_tumor_smoke_runs_every_step(tmp_path):
     assert report["settings"]["tumor_seg_configs"] == ["train.json", "tumor_crops.json"]
     assert {row["bin"] for row in report["figures"]["bins"]} >= {"[10,15)", "all"}
     assert (out / "curve.png").is_file() and "| radius bin (mm) |" in (out / "result.md").read_text()
+    # the post-processing choice on the validation patients reuses the trained model
+    run_smoke("seg_unet3d_tumor.py", "--out", str(out), "--choose_postprocessing", "0", "--confidences", "0", "0.5")
+    rows = json.loads((out / "postprocessing_validation.json").read_text())["rows"]
+    assert [row["min_tumor_confidence"] for row in rows] == [0.0, 0.5]
+    assert {"sensitivity_10mm", "specificity", "youden", "tumor_dice"} <= set(rows[0])
+
+
+def test_tumor_postprocessing_choice_needs_every_bar_on_validation(monkeypatch):
+    bench = load_tumor_benchmark(monkeypatch)
+    row = {"tumor_dice": 0.5, "sensitivity_10mm": 0.8, "specificity": 0.8}
+    assert bench.meets_bars(row)
+    for key in row:
+        assert not bench.meets_bars({**row, key: 0.49 if key == "tumor_dice" else 0.79})
+        assert not bench.meets_bars({**row, key: float("nan")})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -174,6 +174,35 @@ def test_tumor_crops_overlay_centres_the_configured_share_of_crops_on_the_tumor(
     assert 0.42 <= sum(centred) / len(centred) <= 0.58  # about 2 of 4 (binomial sd 0.025)
 
 
+def test_tumor_augmentation_overlay_appends_spatial_and_intensity_augmentation_after_the_crops():
+    """configs/tumor_augmentation.json: after train.json's crop, flips, rotation and shift come an affine (rotation,
+    scaling) and noise / smoothing / intensity scale / gamma, each with ``augmentation_prob``; image and label keep
+    their shapes and the label its values."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / name) for name in ("train.json", "tumor_crops.json",
+                                                                    "tumor_augmentation.json")])  # fmt: skip
+    parser.update({"bundle_root": str(BUNDLE), "roi_size": [16, 16, 16], "num_samples": 2, "augmentation_prob": 1.0})
+    with bundle_on_path(BUNDLE):
+        chain = parser.get_parsed_content("train#preprocessing").transforms
+    names = [type(t).__name__ for t in chain]
+    assert names.index("RandCropByLabelClassesd") < names.index("RandShiftIntensityd") < names.index("RandAffined")
+    assert names[-5:] == ["RandAffined", "RandGaussianNoised", "RandGaussianSmoothd", "RandScaleIntensityd",
+                          "RandAdjustContrastd"]  # fmt: skip
+    assert all(t.prob == 1.0 for t in chain[-5:])
+    label = torch.zeros(1, 16, 16, 16, dtype=torch.uint8)
+    label[0, 4:12, 4:12, 4:12] = 1
+    label[0, 6:9, 6:9, 6:9] = 2
+    sample = {"image": torch.rand(1, 16, 16, 16), "label": label}
+    augment = chain[-5:]
+    for transform in augment:
+        transform.set_random_state(0)
+        sample = transform(sample)
+    assert sample["image"].shape == (1, 16, 16, 16) and sample["label"].shape == (1, 16, 16, 16)
+    assert set(torch.unique(sample["label"]).tolist()) <= {0, 1, 2}
+
+
 @pytest.mark.slow
 def test_train_validates_saves_best_and_final_models_and_archives_the_resume_state(trained):
     run, workflow = trained
@@ -697,6 +726,27 @@ def test_cached_sampling_indices_can_be_switched_off_to_save_memory():
             names[flag] = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
     assert "FgBgToIndicesd" in names[True] and "FgBgToIndicesd" not in names[False]
     assert names[False].index("RandCropByPosNegLabeld") == names[True].index("RandCropByPosNegLabeld") - 1
+
+
+def test_evaluate_and_inference_filter_tumor_confidence_between_the_inversion_and_the_argmax():
+    from monai.bundle import ConfigParser
+
+    from tools.bundles import bundle_on_path
+
+    for files, key in (
+        (["train.json", "evaluate.json"], "validate#postprocessing"),
+        (["inference.json"], "postprocessing"),
+    ):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE / "configs" / name) for name in files])
+        assert parser["min_tumor_confidence"] == 0.0  # off by default: the argmax as it was
+        parser["min_tumor_confidence"] = 0.85
+        with bundle_on_path(BUNDLE):
+            chain = parser.get_parsed_content(key).transforms
+        names = [type(t).__name__ for t in chain]
+        position = names.index("TumorConfidenceFilterd")
+        assert names[position - 1] == "Invertd" and names[position + 1] == "AsDiscreted", names
+        assert chain[position].min_confidence == 0.85 and chain[position].tumor_channel == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -300,3 +300,29 @@ def test_region_output_transform_builds_region_channels_for_meandice():
     assert preds[0].shape == (1, 2, 2, 2) and preds[0].sum() == 4
     tumor, _ = m.RegionOutputTransform([2])([{"pred": onehot[:2], "label": onehot[:2]}])
     assert tumor[0].sum() == 0  # a binary model has no tumor channel: an empty region
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the lesion-level decision rule (scripts/postprocess.py)
+
+
+def test_confidence_filter_drops_only_the_unsure_tumor_component_and_gives_its_voxels_the_next_class():
+    post = importlib.import_module("seg_unet3d_scripts_metrics_test.postprocess")
+    prob = np.zeros((3, 20, 20, 20), dtype=np.float32)
+    prob[1] = 1.0  # pancreas everywhere
+    prob[:, 2:6, 2:6, 2:6] = np.array([0.0, 0.05, 0.95])[:, None, None, None]  # a confident tumor
+    prob[:, 12:15, 12:15, 12:15] = np.array([0.0, 0.4, 0.6])[:, None, None, None]  # an unsure one
+    prob[:, 12, 12, 12] = [0.0, 0.1, 0.9]  # one confident voxel does not save the unsure component (mean 0.61)
+    data = {"pred": torch.as_tensor(prob), "other": 1}
+    out = post.TumorConfidenceFilterd(keys="pred", min_confidence=0.8)(data)
+    labels = out["pred"].argmax(0).numpy()
+    assert (labels[2:6, 2:6, 2:6] == 2).all() and (labels[12:15, 12:15, 12:15] == 1).all()
+    assert int((labels == 2).sum()) == 64 and out["other"] == 1
+    assert torch.equal(data["pred"], torch.as_tensor(prob))  # the input is not changed in place
+    for disabled in (0.0, 0.5):  # off, or a threshold both components pass
+        kept = post.TumorConfidenceFilterd(keys="pred", min_confidence=disabled)(data)["pred"].argmax(0)
+        assert int((kept == 2).sum()) == 64 + 27
+    binary = {"pred": torch.as_tensor(prob[:2])}  # a 2-class model has no tumor channel: nothing to do
+    assert post.TumorConfidenceFilterd(keys="pred", min_confidence=0.8)(binary)["pred"].shape[0] == 2
+    with pytest.raises(ValueError, match="min_confidence"):
+        post.TumorConfidenceFilterd(keys="pred", min_confidence=1.0)

@@ -157,6 +157,18 @@ def test_scales_and_custom_scale_file(tmp_path):
     assert all_arms[0] == "real only" and "VAE+DM 25:75" in all_arms and len(all_arms) == 10
 
 
+def test_phantom_data_takes_the_scales_spacing_and_refuses_a_folder_made_otherwise(tmp_path):
+    settings = {"phantom": {"n_cases": 2, "shape": [48, 48, 24], "spacing": [3.0, 3.0, 4.0], "tumor_fraction": 0.5,
+                            "test_fraction": 0.5}}  # fmt: skip
+    data = studies.phantom_data(tmp_path / "phantom", settings)
+    meta = json.loads((data / "dataset.json").read_text())
+    assert meta["generator"]["params"]["spacing"] == [3.0, 3.0, 4.0]
+    assert studies.phantom_data(tmp_path / "phantom", settings) == data  # reused
+    other = {"phantom": {**settings["phantom"], "spacing": None}}
+    with pytest.raises(ValueError, match="other settings.*spacing"):
+        studies.phantom_data(tmp_path / "phantom", other)
+
+
 def test_cli_has_help_for_study_report_demo():
     for args in (["study", "ratio"], ["study", "tumor_families"], ["report"], ["demo"]):
         done = subprocess.run([sys.executable, "-m", "tools", *args, "--help"], capture_output=True, text=True,

@@ -331,7 +331,9 @@ def _log(message: str) -> None:
 
 
 def phantom_data(data_dir: str | os.PathLike, settings: Mapping[str, Any], seed: int = 0) -> Path:
-    """The phantom data set of a scale (made once, reused)."""
+    """The phantom data set of a scale (made once, reused). ``settings["phantom"]``: ``n_cases``, ``shape``,
+    ``tumor_fraction``, ``test_fraction`` and optionally ``spacing`` (mm; by default the field of view covers the body,
+    see ``tools.phantom.make_dataset``)."""
     from tools.phantom import make_dataset
 
     data_dir = Path(data_dir)
@@ -342,9 +344,18 @@ def phantom_data(data_dir: str | os.PathLike, settings: Mapping[str, Any], seed:
         if len(patients) != p["n_cases"]:
             raise ValueError(f"{data_dir} holds a phantom of {len(patients)} patients, this scale makes "
                              f"{p['n_cases']}: use another --out or delete that folder")  # fmt: skip
+        made = meta.get("generator", {}).get("params", {})
+        wanted = {"shape": [int(v) for v in p["shape"]], "seed": int(seed),
+                  "spacing": None if p.get("spacing") is None else [float(v) for v in p["spacing"]],
+                  "tumor_fraction": float(p["tumor_fraction"]), "test_fraction": float(p["test_fraction"])}  # fmt: skip
+        differ = {k: (made[k], v) for k, v in wanted.items() if k in made and made[k] != v}
+        if differ:
+            raise ValueError(f"{data_dir} holds a phantom made with other settings (made, this scale): {differ}; use "
+                             f"another --out or delete that folder")  # fmt: skip
     else:
-        _log(f"phantom data set: {p['n_cases']} patients {tuple(p['shape'])}, seed {seed} -> {data_dir}")
-        make_dataset(data_dir, n_cases=p["n_cases"], seed=seed, shape=tuple(p["shape"]),
+        spacing = "" if p.get("spacing") is None else f" at {tuple(p['spacing'])} mm"
+        _log(f"phantom data set: {p['n_cases']} patients {tuple(p['shape'])}{spacing}, seed {seed} -> {data_dir}")
+        make_dataset(data_dir, n_cases=p["n_cases"], seed=seed, shape=tuple(p["shape"]), spacing=p.get("spacing"),
                      tumor_fraction=p["tumor_fraction"], test_fraction=p["test_fraction"], progress=False)  # fmt: skip
     return data_dir
 

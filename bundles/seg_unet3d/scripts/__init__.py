@@ -6,6 +6,8 @@
   real:synthetic mixing.
 - ``seg_metrics``: per-case Dice / NSD / HD95 on the original grid, lesion-level detection per size bin, patient-level
   specificity, CSV writing; plain functions that ``tools`` reuses.
+- ``postprocess``: the lesion-level decision rule of the tumor output (tumor components below a mean tumor
+  probability lose the tumor class), which MONAI's argmax / size filters cannot express.
 - ``handlers``: the evaluation report handler, the checkpoint / resume handlers that add the trainer at attach time,
   the end-of-run handler for resumable state, and the offline MLflow store URI.
 
