@@ -62,9 +62,11 @@ KILL_TESTS = {
     ("difftumor", ("train.json", "train_diffusion.json")): "test_fault_tolerance.py::...[difftumor train_diffusion]",
 }  # fmt: skip
 #: overlays that are not training configs of their own (DDP, evaluation, backbone switches, BraTS adaptation,
-#: tumor-centred crop sampling): they change what train.json trains on, not how it checkpoints and resumes
+#: tumor-centred crop sampling, tumor augmentation): they change what train.json trains on, not how it checkpoints
+#: and resumes
 NOT_TRAINING = re.compile(
-    r"^(multi_gpu_.*|evaluate.*|inference.*|backbone_.*|binary|tumor_crops|adapt_brats|memorization|metadata)$"
+    r"^(multi_gpu_.*|evaluate.*|inference.*|backbone_.*|binary|tumor_crops|tumor_augmentation|adapt_brats|memorization"
+    r"|metadata)$"
 )
 
 
