@@ -251,9 +251,8 @@ def postprocessing_on_validation(folder: Path, split: Path, settings: Mapping[st
                          "false_positives_per_scan": false_positives / len(cases)})  # fmt: skip
             log("validation, min confidence {min_tumor_confidence:g}, min tumor {min_tumor_mm3:g} mm3: lesion "
                 "sensitivity {sensitivity:.2f} of {lesions} ({sensitivity_10mm:.2f} at >= 10 mm), specificity "
-                "{specificity:.2f} of {healthy}, Youden "
-                "{youden:.2f}, tumor Dice {tumor_dice:.3f}, false positives per scan "
-                "{false_positives_per_scan:.2f}".format(**rows[-1]))  # fmt: skip
+                "{specificity:.2f} of {healthy}, Youden {youden:.2f}, tumor Dice {tumor_dice:.3f}, false positives "
+                "per scan {false_positives_per_scan:.2f}".format(**rows[-1]))  # fmt: skip
     meeting = [row for row in rows if meets_bars(row)]
     best = max(meeting or rows, key=lambda row: (row["youden"], row["tumor_dice"]))
     log(("the best Youden among the settings that meet the three bars on the validation patients" if meeting else
@@ -361,15 +360,9 @@ def main() -> int:
     parser.add_argument("--scale", default="benchmarks/tumor_recipes.json")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the phantom is always seed 0)")
     parser.add_argument("--out", default="runs/seg_unet3d_tumor")
-    parser.add_argument(
-        "--choose_postprocessing",
-        nargs="*",
-        type=float,
-        metavar="MM3",
-        default=None,
-        help="after training, score these minimum tumor sizes (mm3) on the validation patients "
-        "(default list when given without values) and stop before the test set",
-    )
+    parser.add_argument("--choose_postprocessing", nargs="*", type=float, metavar="MM3", default=None,
+                        help="after training, score these minimum tumor sizes (mm3) on the validation patients "
+                             "(default list when given without values) and stop before the test set")  # fmt: skip
     parser.add_argument("--confidences", nargs="+", type=float, default=list(CONFIDENCES),
                         help="with --choose_postprocessing: the minimum tumor confidences (mean tumor probability "
                              "of a component) scored with each size")  # fmt: skip
