@@ -7,10 +7,6 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
-# The tests run in 2 worker processes (pytest-xdist), a test file per worker at a time (module fixtures are built
-# once): most of a test's time is Python start-up and single-threaded work, so 2 workers use both cores. 0 = serial.
-PYTEST_WORKERS ?= 2
-PYTEST_XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: demo test test-fast lint format venv clean
 
@@ -29,10 +25,10 @@ demo: $(STAMP)
 	$(PY) -m tools demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m black --check tools tests bundles benchmarks

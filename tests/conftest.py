@@ -44,24 +44,15 @@ def phantom_set(tmp_path_factory) -> Path:
     return out
 
 
-#: documentation blocks the docs test did not run (marked gpu or user-data), from every test's report
-SKIPPED_DOC_BLOCKS: list[str] = []
-
-
-def pytest_runtest_logreport(report):
-    """Gather the docs test's ``skipped_doc_blocks`` property; reports reach this hook in the main process, also
-    from pytest-xdist's workers, whose module globals the main process does not see."""
-    if report.when == "call":
-        for name, value in report.user_properties:
-            if name == "skipped_doc_blocks":
-                SKIPPED_DOC_BLOCKS.extend(value)
-
-
 def pytest_terminal_summary(terminalreporter):
     """List the documentation blocks the docs test did not run (marked gpu or user-data), by name."""
-    if SKIPPED_DOC_BLOCKS:
+    import sys
+
+    module = sys.modules.get("tests.test_docs")
+    skipped = getattr(module, "SKIPPED_DOC_BLOCKS", None)
+    if skipped:
         terminalreporter.section("documentation blocks not run (marked gpu / user-data)")
-        for name in SKIPPED_DOC_BLOCKS:
+        for name in skipped:
             terminalreporter.write_line(name)
 
 

@@ -1,8 +1,7 @@
 """Every command block of the documentation runs, literally or with the substitutions declared beside it.
 
 The engine and the marker syntax are in ``tests/doc_blocks.py``. The only blocks not run are those marked ``gpu``
-or ``user-data``; the session summary lists them by name (each test records them as its ``skipped_doc_blocks``
-property; conftest.py prints them, also from pytest-xdist's workers).
+or ``user-data``; the session summary lists them by name (``SKIPPED_DOC_BLOCKS``, printed by conftest.py).
 """
 
 from __future__ import annotations
@@ -11,6 +10,9 @@ import pytest
 
 from tests.conftest import SHARED_DIR
 from tests.doc_blocks import REPO_ROOT, documents, extract_blocks, make_checkout, run_blocks
+
+#: Blocks a run did not execute because they are marked gpu / user-data: "<doc>:<line> (<kind>)".
+SKIPPED_DOC_BLOCKS: list[str] = []
 
 
 def _report(results) -> str:
@@ -60,13 +62,12 @@ def documented_runs(request, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", documents(), ids=lambda d: str(d.relative_to(REPO_ROOT)))
-def test_documented_commands_run(doc, documented_runs, record_property):
+def test_documented_commands_run(doc, documented_runs):
     if not SHARED_DIR.is_dir():
         pytest.skip(f"{SHARED_DIR} is absent: the documented commands read ../shared")
     results = documented_runs[doc].result()
     print(_report(results))
-    # blocks not executed because they are marked gpu / user-data: "<doc>:<line> (<kind>)"
-    record_property("skipped_doc_blocks", [f"{r.block.name} ({r.output})" for r in results if r.status == "skipped"])
+    SKIPPED_DOC_BLOCKS.extend(f"{r.block.name} ({r.output})" for r in results if r.status == "skipped")
     failed = [r for r in results if r.status == "failed"]
     if failed:
         first = failed[0]
